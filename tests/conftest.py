@@ -1,0 +1,54 @@
+"""Test setup shared by the whole suite.
+
+Eight CPU devices are simulated so that sharding code runs with a real mesh on
+a laptop. XLA reads the flag once, when the backend starts, so it has to be in
+the environment before anything imports jax; pytest imports this file first.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+_DEVICE_FLAG = "--xla_force_host_platform_device_count=8"
+if _DEVICE_FLAG not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICE_FLAG}".strip()
+
+# XLA:CPU compiles dominate the suite's time (a model's init alone compiles for
+# seconds, mostly its random initialisers). Share compiled programs between the
+# test workers, the subprocesses they start, and later runs.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "faer_jax", "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _run_two_processes(script: str, *args: str, timeout: float = 120) -> list[str]:
+  """Runs `script` as processes 0 and 1 of a loopback jax.distributed job, 2 CPU devices each.
+
+  The script gets argv [port, process_id, *args]; returns the two stdouts.
+  """
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  port = str(_free_port())
+  procs = [subprocess.Popen([sys.executable, "-c", script, port, str(pid), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for pid in (0, 1)]
+  try:
+    results = [proc.communicate(timeout=timeout) for proc in procs]
+  finally:
+    for proc in procs:
+      proc.kill()
+  for proc, (_, err) in zip(procs, results):
+    assert proc.returncode == 0, err[-3000:]
+  return [out for out, _ in results]
+
+
+@pytest.fixture
+def run_two_processes():
+  """A function that runs a script as a two-process jax.distributed job (see `_run_two_processes`)."""
+  return _run_two_processes

@@ -1,0 +1,344 @@
+"""PyTorch <-> Flax: numerical parity, every checkpoint layout, the load report, the CLI."""
+
+import os
+import pickle
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from faer_jax.interop import (CheckpointError, init_variables, load_state_dict, load_torch_checkpoint,
+                              to_torch_state_dict)
+from faer_jax.interop import cli
+from faer_jax.interop.torch_reference import create_torch_model
+from faer_jax.models import create_backbone, create_model
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+TOL = 1e-4  # relative max difference, float32
+
+
+def _rel(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def _perturbed_torch(variant, num_classes, seed=0):
+  torch.manual_seed(seed)
+  model = create_torch_model(variant, num_classes).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(torch.randn_like(p) * 0.05)  # gamma 1e-6 -> ~0.05: every block now matters
+  return model
+
+
+def _numpy_state(model):
+  return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def _images(n=2, size=64, seed=0):
+  return np.random.default_rng(seed).standard_normal((n, 3, size, size), np.float32)
+
+
+def _torch_out(model, images):
+  with torch.no_grad():
+    return tuple(t.numpy() for t in model(torch.from_numpy(images)))
+
+
+def _flax_out(model, variables, images):
+  return jax.jit(model.apply)(variables, jnp.asarray(images.transpose(0, 2, 3, 1)))
+
+
+@pytest.fixture(scope="module")
+def tiny_pair():
+  """A perturbed PyTorch FAER-tiny and the Flax model loaded from it."""
+  torch_model = _perturbed_torch("tiny", 7)
+  model = create_model("tiny", 7)
+  variables, report = load_state_dict(_numpy_state(torch_model), init_variables(model), strict=True)
+  assert report.clean and len(report.loaded) == len(torch_model.state_dict())
+  return torch_model, model, variables
+
+
+# --- Parity ------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant,size", [("test", 64), ("atto", 64)])
+def test_torch_to_flax_parity(variant, size):
+  torch_model = _perturbed_torch(variant, 7)
+  model = create_model(variant, 7)
+  variables, _ = load_state_dict(_numpy_state(torch_model), init_variables(model), strict=True)
+  images = _images(size=size)
+  tf, tl = _torch_out(torch_model, images)
+  jf, jl = _flax_out(model, variables, images)
+  assert _rel(jf, tf) < TOL and _rel(jl, tl) < TOL
+  assert np.std(tl) > 1e-2  # not a degenerate output that any two models share
+
+
+def test_tiny_parity_at_224(tiny_pair):
+  torch_model, model, variables = tiny_pair
+  images = _images(n=1, size=224)
+  tf, tl = _torch_out(torch_model, images)
+  jf, jl = _flax_out(model, variables, images)
+  assert _rel(jf, tf) < TOL and _rel(jl, tl) < TOL
+
+
+@pytest.mark.parametrize("variant", ["test", "atto"])
+def test_flax_to_torch_parity(variant):
+  model = create_model(variant, 7)
+  variables = init_variables(model, seed=3)
+  keys = iter(jax.random.split(jax.random.key(4), 1000))
+  variables = jax.tree_util.tree_map(lambda p: p + 0.05 * jax.random.normal(next(keys), p.shape), variables)
+  torch_model = create_torch_model(variant, 7).eval()
+  torch_model.load_state_dict({k: torch.from_numpy(v) for k, v in to_torch_state_dict(variables).items()},
+                              strict=True)
+  images = _images(size=64, seed=1)
+  tf, tl = _torch_out(torch_model, images)
+  jf, jl = _flax_out(model, variables, images)
+  assert _rel(jf, tf) < TOL and _rel(jl, tl) < TOL
+
+
+def test_round_trip_is_exact(tiny_pair):
+  torch_model, _, variables = tiny_pair
+  original = _numpy_state(torch_model)
+  exported = to_torch_state_dict(variables)
+  assert exported.keys() == original.keys()
+  for k in original:
+    np.testing.assert_array_equal(exported[k], original[k], err_msg=k)
+
+
+# --- Key names of the real checkpoints (tests/data, from shared/checkpoint_keys) ---
+
+def _read_key_list(name):
+  shapes = {}
+  for line in open(os.path.join(DATA, name)):
+    if line.startswith("#") or not line.strip():
+      continue
+    key, shape = re.match(r"(\S+) \((.*)\)", line.strip()).groups()
+    shapes[key] = tuple(int(s) for s in shape.split(",") if s.strip())
+  return shapes
+
+
+def test_export_matches_original_key_list():
+  expected = _read_key_list("faer_original_tiny_7classes.txt")
+  params = jax.eval_shape(lambda: init_variables(create_model("tiny", 7)))
+  exported = to_torch_state_dict(jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), params))
+  assert {k: v.shape for k, v in exported.items()} == expected
+
+
+def test_original_key_list_loads_strictly():
+  shapes = _read_key_list("faer_original_tiny_7classes.txt")
+  rng = np.random.default_rng(0)
+  state = {"module." + k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+  variables, report = load_state_dict(state, init_variables(create_model("tiny", 7)), strict=True)
+  assert report.clean and len(report.loaded) == len(shapes)
+  np.testing.assert_array_equal(variables["params"]["cc_attention"]["depthwise"]["kernel"],
+                                state["module.attention.depthwise.weight"].transpose(2, 3, 1, 0))
+
+
+def test_timm_key_list_loads_backbone_and_reports_the_rest():
+  shapes = _read_key_list("timm_convnext_tiny.txt")
+  state = {k: np.ones(s, np.float32) for k, s in shapes.items()}
+  _, report = load_state_dict(state, init_variables(create_model("tiny", 7)))
+  assert report.layout == "timm" and not report.unexpected
+  assert sorted(k for k, _ in report.skipped) == ["head.bias", "head.weight"]  # 1000 classes vs 7
+  assert all(k.startswith("attention.") for k in report.missing) and len(report.missing) == 10
+  assert len(report.loaded) == len(shapes) - 2
+
+
+# --- Checkpoint files and layouts ----------------------------------------------
+
+def test_dataparallel_training_checkpoint(tmp_path, tiny_pair):
+  """The original training script's file: {'state_dict': {'module.' + k}, 'epoch', 'best_acc', 'optimizer'}."""
+  torch_model, model, variables = tiny_pair
+  optimizer = torch.optim.AdamW(torch_model.parameters())
+  path = tmp_path / "faer_best.pth"
+  torch.save({"epoch": 37, "best_acc": np.float64(91.5),
+              "state_dict": {"module." + k: v for k, v in torch_model.state_dict().items()},
+              "optimizer": optimizer.state_dict()}, path)
+  loaded, report = load_torch_checkpoint(str(path), model, strict=True, return_report=True)
+  assert report.container == "state_dict"
+  for a, b in zip(jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(variables)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_official_convnext_release_into_faer(tmp_path, tiny_pair):
+  """{'model': backbone + norm + 1000-class head}: CC Attention stays fresh, the head is skipped."""
+  torch_model, _, _ = tiny_pair
+  state = {k: v for k, v in torch_model.state_dict().items() if not k.startswith(("attention.", "head."))}
+  state["head.weight"], state["head.bias"] = torch.randn(1000, 768), torch.randn(1000)
+  path = tmp_path / "convnext_tiny_1k_224_ema.pth"
+  torch.save({"model": state}, path)
+  model = create_model("tiny", 7)
+  fresh = init_variables(model, seed=5)
+  variables, report = load_torch_checkpoint(str(path), model, seed=5, return_report=True)
+  assert report.container == "model"
+  assert sorted(k for k, _ in report.skipped) == ["head.bias", "head.weight"]
+  assert len(report.missing) == 10 and not report.unexpected
+  np.testing.assert_array_equal(variables["params"]["cc_attention"]["value"]["kernel"],
+                                fresh["params"]["cc_attention"]["value"]["kernel"])
+  np.testing.assert_array_equal(variables["params"]["head"]["kernel"], fresh["params"]["head"]["kernel"])
+  np.testing.assert_array_equal(variables["params"]["norm"]["scale"], state["norm.weight"].numpy())
+  with pytest.raises(CheckpointError, match="Strict load failed"):
+    load_torch_checkpoint(str(path), model, strict=True)
+  # With a 1000-class head everything but CC Attention loads.
+  _, report = load_torch_checkpoint(str(path), create_model("tiny", 1000), return_report=True)
+  assert not report.skipped and len(report.missing) == 10
+
+
+def _to_timm(state: dict, conv_mlp: bool) -> dict:
+  """Renames original ConvNeXt keys to timm's (written independently of faer_jax.interop.mapping)."""
+  out = {}
+  for k, v in state.items():
+    parts = k.split(".")
+    if k.startswith("downsample_layers.0."):
+      name = "stem." + ".".join(parts[2:])
+    elif k.startswith("downsample_layers."):
+      name = f"stages.{parts[1]}.downsample." + ".".join(parts[2:])
+    elif k.startswith("stages."):
+      rest = {"dwconv": "conv_dw", "pwconv1": "mlp.fc1", "pwconv2": "mlp.fc2"}.get(parts[3], parts[3])
+      name = f"stages.{parts[1]}.blocks.{parts[2]}.{rest}" + ("." + parts[4] if len(parts) > 4 else "")
+      if conv_mlp and "mlp.fc" in name and name.endswith("weight"):
+        v = v[:, :, None, None]  # timm's conv_mlp=True stores the MLP as 1x1 convs
+    elif k.startswith("norm."):
+      name = "head.norm." + parts[1]
+    elif k.startswith("head."):
+      name = "head.fc." + parts[1]
+    else:
+      continue
+    out[name] = v
+  return out
+
+
+def _timm_style_features(state: dict, depths, x: torch.Tensor) -> torch.Tensor:
+  """An independent functional ConvNeXt on timm keys, in timm's conv_mlp form (NCHW throughout)."""
+  ln2d = lambda x, p: F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], state[p + ".weight"],
+                                   state[p + ".bias"], 1e-6).permute(0, 3, 1, 2)
+  def conv(x, p, **kw):
+    w = state[p + ".weight"]
+    return F.conv2d(x, w if w.ndim == 4 else w[:, :, None, None], state[p + ".bias"], **kw)
+
+  x = ln2d(conv(x, "stem.0", stride=4), "stem.1")
+  for i, depth in enumerate(depths):
+    if i > 0:
+      x = conv(ln2d(x, f"stages.{i}.downsample.0"), f"stages.{i}.downsample.1", stride=2)
+    for j in range(depth):
+      p = f"stages.{i}.blocks.{j}"
+      y = conv(x, p + ".conv_dw", padding=3, groups=x.shape[1])
+      y = F.gelu(conv(ln2d(y, p + ".norm"), p + ".mlp.fc1"))
+      y = conv(y, p + ".mlp.fc2")
+      x = x + state[p + ".gamma"][None, :, None, None] * y
+  return x
+
+
+@pytest.mark.parametrize("conv_mlp,prefix,suffix", [(False, "", ".pth"), (True, "net.", ".pth"),
+                                                    (False, "", ".safetensors")])
+def test_timm_checkpoint_parity(tmp_path, conv_mlp, prefix, suffix):
+  torch_model = _perturbed_torch("atto", 1000, seed=2)
+  state = {prefix + k: v for k, v in _to_timm(torch_model.state_dict(), conv_mlp).items()}
+  path = str(tmp_path / ("timm_atto" + suffix))
+  if suffix == ".safetensors":
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in state.items()}, path)
+  else:
+    torch.save(state, path)
+  backbone = create_backbone("atto")
+  variables, report = load_torch_checkpoint(path, backbone, return_report=True)
+  # A bare backbone has no final norm or head: those two are reported, not dropped silently.
+  assert report.unexpected == ["head.bias", "head.weight", "norm.bias", "norm.weight"]
+  assert not report.missing and not report.skipped
+  images = _images(size=64, seed=3)
+  plain = {k[len(prefix):]: v for k, v in state.items()}
+  with torch.no_grad():
+    expected = _timm_style_features(plain, (2, 2, 6, 2), torch.from_numpy(images)).numpy()
+  got = jax.jit(backbone.apply)(variables, images.transpose(0, 2, 3, 1))
+  assert _rel(np.asarray(got).transpose(0, 3, 1, 2), expected) < TOL
+  # The same file into the full FAER: the 1000-class head and final norm load too.
+  _, report = load_torch_checkpoint(path, create_model("atto", 1000), return_report=True)
+  assert not report.unexpected and not report.skipped and len(report.missing) == 10
+
+
+def test_strict_mode_names_what_failed(tmp_path, tiny_pair):
+  torch_model, model, _ = tiny_pair
+  state = dict(torch_model.state_dict())
+  state["attention.extra.weight"] = torch.zeros(3)
+  del state["head.bias"]
+  path = tmp_path / "odd.pth"
+  torch.save(state, path)
+  with pytest.raises(CheckpointError, match=r"(?s)head\.bias.*attention\.extra\.weight"):
+    load_torch_checkpoint(str(path), model, strict=True)
+
+
+def test_not_a_checkpoint(tmp_path):
+  model = create_model("test", 7)
+  text = tmp_path / "notes.pth"
+  text.write_text("this is not a checkpoint\n")
+  with pytest.raises(CheckpointError, match="notes.pth.*not a PyTorch checkpoint"):
+    load_torch_checkpoint(str(text), model)
+  with pytest.raises(CheckpointError, match="not found.*missing.pth"):
+    load_torch_checkpoint(str(tmp_path / "missing.pth"), model)
+  no_tensors = tmp_path / "config.pth"
+  torch.save({"epoch": 3, "lr": 0.1}, no_tensors)
+  with pytest.raises(CheckpointError, match="config.pth.*no state dict"):
+    load_torch_checkpoint(str(no_tensors), model)
+
+
+class _Exploit:
+  def __reduce__(self):
+    return (os.system, ("touch " + _Exploit.marker,))
+
+
+def test_checkpoint_that_would_run_code_is_refused(tmp_path):
+  marker = tmp_path / "pwned"
+  _Exploit.marker = str(marker)
+  path = tmp_path / "evil.pth"
+  torch.save({"state_dict": {"head.weight": torch.zeros(7, 64)}, "payload": _Exploit()}, path)
+  with pytest.raises(CheckpointError, match="evil.pth.*weights_only"):
+    load_torch_checkpoint(str(path), create_model("test", 7))
+  assert not marker.exists()
+  legacy = tmp_path / "legacy.pth"  # a bare pickle stream
+  legacy.write_bytes(pickle.dumps(_Exploit(), protocol=2))
+  with pytest.raises(CheckpointError):
+    load_torch_checkpoint(str(legacy), create_model("test", 7))
+  assert not marker.exists()
+
+
+def test_import_does_not_need_torch():
+  code = ("import sys, faer_jax, faer_jax.models, faer_jax.interop; "
+          "assert 'torch' not in sys.modules, 'torch was imported'")
+  subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- CLI -----------------------------------------------------------------------
+
+def test_cli_import_export_round_trip(tmp_path, capsys):
+  torch_model = _perturbed_torch("test", 7, seed=7)
+  src = tmp_path / "faer.pth"
+  torch.save({"state_dict": {"module." + k: v for k, v in torch_model.state_dict().items()}, "epoch": 1}, src)
+  out = tmp_path / "imported"
+  assert cli.main(["import", "--torch-checkpoint", str(src), "--variant", "test", "--num-classes", "7",
+                   "--out", str(out), "--strict"]) == 0
+  assert cli.main(["export", "--checkpoint", str(out), "--out", str(tmp_path / "back.pth")]) == 0
+  back = torch.load(tmp_path / "back.pth", weights_only=True)
+  fresh = create_torch_model("test", 7)
+  fresh.load_state_dict(back, strict=True)
+  for k, v in torch_model.state_dict().items():
+    torch.testing.assert_close(back[k], v, rtol=0, atol=0)
+  assert cli.main(["import", "--torch-checkpoint", str(src), "--variant", "test", "--num-classes", "7",
+                   "--out", str(out)]) == 2  # refuses to overwrite
+  assert "already exists" in capsys.readouterr().err
+
+
+def test_cli_check(tmp_path, capsys):
+  assert cli.main(["check", "--variant", "test", "--num-classes", "7", "--image-size", "64", "--json"]) == 0
+  import json
+  result = json.loads(capsys.readouterr().out)
+  assert result["ok"] and result["logits_max_rel_diff"] < TOL
+  # A checkpoint whose attention weights are scrambled still loads, and check reads it on both sides.
+  torch_model = _perturbed_torch("test", 7, seed=8)
+  torch.save({"model": torch_model.state_dict()}, tmp_path / "m.pth")
+  assert cli.main(["check", "--variant", "test", "--num-classes", "7", "--image-size", "64",
+                   "--torch-checkpoint", str(tmp_path / "m.pth")]) == 0

@@ -1,0 +1,132 @@
+"""The Flax FAER on its own: shapes, parameter counts, initialisation, drop path, dtypes."""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from faer_jax.models import VARIANTS, create_backbone, create_model
+from faer_jax.models.layers import DepthwiseConv7x7, DropPath
+
+
+def _count(tree) -> int:
+  return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree))
+
+
+def _abstract_params(module):
+  return jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+
+
+@pytest.mark.parametrize("variant,expected", [
+    # timm's published totals (28,589,128 and 88,591,464 parameters) minus the
+    # final norm and the 1000-class head, which the backbone does not own.
+    ("tiny", 28_589_128 - 2 * 768 - (768 * 1000 + 1000)),
+    ("base", 88_591_464 - 2 * 1024 - (1024 * 1000 + 1000)),
+])
+def test_backbone_parameter_count_matches_convnext(variant, expected):
+  assert _count(_abstract_params(create_backbone(variant))) == expected
+
+
+def test_cc_attention_and_head_shapes():
+  params = _abstract_params(create_model("tiny", 7))
+  att = params["cc_attention"]
+  assert att["mlp_0"]["kernel"].shape == (768, 96)
+  assert att["mlp_2"]["kernel"].shape == (96, 768)
+  assert att["value"]["kernel"].shape == (768, 768)
+  assert att["depthwise"]["kernel"].shape == (7, 7, 192, 768)  # groups = 4, not depthwise
+  assert params["head"]["kernel"].shape == (768, 7)
+
+
+@pytest.mark.parametrize("variant", ["test", "atto"])
+def test_forward_shapes(variant):
+  model = create_model(variant, 7)
+  images = jnp.ones((2, 64, 64, 3))
+  variables = model.init(jax.random.key(0), images)
+  features, logits = model.apply(variables, images)
+  dim = VARIANTS[variant].dims[-1]
+  assert features.shape == (2, dim) and logits.shape == (2, 7)
+  fmap = create_backbone(variant).apply({"params": variables["params"]["backbone"]}, images)
+  assert fmap.shape == (2, 2, 2, dim)
+
+
+def test_initialisation_matches_original():
+  params = create_model("atto", 7).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  w = np.asarray(params["backbone"]["stages_3"]["blocks_0"]["pwconv1"]["kernel"]).ravel()  # 409,600 values
+  assert abs(w.std() - 0.02) < 0.0005
+  # timm's trunc_normal_(std=.02) truncates at +-2 absolute (+-100 sigma), so
+  # about 4.55 % of the weights lie beyond 2 sigma; a 2-sigma truncation has none.
+  assert 0.04 < np.mean(np.abs(w) > 0.04) < 0.051
+  block = params["backbone"]["stages_0"]["blocks_0"]
+  np.testing.assert_array_equal(block["gamma"], np.full(40, 1e-6, np.float32))
+  np.testing.assert_array_equal(block["pwconv1"]["bias"], 0)
+  np.testing.assert_array_equal(block["norm"]["scale"], 1)
+  w = np.asarray(params["cc_attention"]["depthwise"]["kernel"])
+  assert abs(w.std() - 0.02) < 0.001
+
+
+def test_head_init_scale():
+  kw = dict(variant="test", num_classes=7)
+  init = lambda m: m.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]["head"]["kernel"]
+  np.testing.assert_allclose(init(create_model(**kw, head_init_scale=0.5)), 0.5 * init(create_model(**kw)),
+                             rtol=1e-6)
+
+
+def test_depthwise_impls_agree():
+  x = jax.random.normal(jax.random.key(1), (2, 9, 11, 24))
+  xla = DepthwiseConv7x7(24, impl="xla")
+  variables = xla.init(jax.random.key(2), x)
+  variables = jax.tree_util.tree_map(lambda p: p + jax.random.normal(jax.random.key(3), p.shape), variables)
+  np.testing.assert_allclose(DepthwiseConv7x7(24, impl="shift").apply(variables, x), xla.apply(variables, x),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_drop_path_only_in_training():
+  model = create_model("test", 7, drop_path_rate=0.5)
+  images = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+  variables = model.init(jax.random.key(1), images)
+  # Make the residual branches matter, so dropping them changes the output.
+  variables = jax.tree_util.tree_map(lambda p: p + 0.1, variables)
+  eval_a, eval_b = model.apply(variables, images)[1], model.apply(variables, images)[1]
+  np.testing.assert_array_equal(eval_a, eval_b)
+  train = lambda seed: model.apply(variables, images, train=True, rngs={"dropout": jax.random.key(seed)})[1]
+  np.testing.assert_array_equal(train(5), train(5))
+  assert not np.allclose(train(5), train(6))
+  assert not np.allclose(train(5), eval_a)
+  with pytest.raises(Exception, match="dropout"):
+    model.apply(variables, images, train=True)
+
+
+def test_drop_path_rates_rise_linearly():
+  model = create_model("test", 7, drop_path_rate=0.4)
+  images = jnp.zeros((1, 32, 32, 3))
+  variables = model.init(jax.random.key(0), images)
+  rates = []
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, DropPath) and context.method_name == "__call__":
+      rates.append(context.module.rate)
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    model.apply(variables, images)
+  # torch.linspace(0, 0.4, 5) over the 5 blocks of depths (1, 1, 2, 1), in order.
+  np.testing.assert_allclose(rates, [0.0, 0.1, 0.2, 0.3, 0.4], rtol=1e-6)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  model = create_model("test", 7, dtype=jnp.bfloat16)
+  images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  variables = model.init(jax.random.key(1), images)
+  assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(variables))
+  features, logits = model.apply(variables, images)
+  assert logits.dtype == jnp.bfloat16
+  ref = create_model("test", 7).apply(variables, images)[1]
+  np.testing.assert_allclose(np.asarray(logits, np.float32), ref, atol=0.05, rtol=0.05)
+
+
+def test_unknown_variant_is_a_clear_error():
+  with pytest.raises(ValueError, match="Unknown ConvNeXt variant 'huge'.*base"):
+    create_model("huge", 7)
