@@ -18,8 +18,9 @@ $(VENV)/.installed-test: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@ $(VENV)/.installed-base
 
-demo: $(VENV)/.installed-test
-	$(PY) -m faer_jax.demo
+demo: $(VENV)/.installed-base
+	$(PY) -m faer_jax.train --config configs/demo.py --workdir $(WORKDIR)
+	$(PY) -m faer_jax.evaluate --workdir $(WORKDIR) --checkpoint best
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q -n 2 tests

@@ -1,0 +1,208 @@
+"""End-to-end training: the demo config shrunk to a few steps, resume, SIGTERM, devices, processes."""
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from faer_jax import evaluate, steps, train
+from faer_jax.data.synth import ensure_synthetic_rafdb
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(REPO, "configs", "demo.py")
+
+# The demo config, shrunk: 48 training images of 32 px, 6 steps of batch 8.
+SHRINK = {"image_size": 32, "batch_size": 8, "eval_batch_size": 8, "num_train_steps": 6, "eval_every_steps": 3,
+          "checkpoint_every_steps": 3, "log_every_steps": 1, "data.synthetic_num_train": 48,
+          "data.synthetic_num_test": 20, "optimizer.warmup_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory):
+  root = tmp_path_factory.mktemp("synthetic")
+  ensure_synthetic_rafdb(root, SHRINK["data.synthetic_num_train"], SHRINK["data.synthetic_num_test"], seed=0)
+  return str(root)
+
+
+def demo_config(synth_root, **overrides):
+  spec = importlib.util.spec_from_file_location("demo_config", DEMO)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for key, value in {**SHRINK, "data.root": synth_root, **overrides}.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def cli_args(synth_root, workdir, **overrides):
+  values = {**SHRINK, "data.root": synth_root, **overrides}
+  return ["--config", DEMO, "--workdir", str(workdir)] + [f"--config.{k}={v}" for k, v in values.items()]
+
+
+def run_cli(module, args, devices=1, check=True, **popen):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "-m", module, *args]
+  if popen:
+    return subprocess.Popen(cmd, env=env, cwd=REPO, **popen)
+  result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+  if check:
+    assert result.returncode == 0, result.stderr[-4000:]
+  return result
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def final_params(workdir, synth_root):
+  config = demo_config(synth_root)
+  mesh = jax.make_mesh((1, 1), ("data", "fsdp"), devices=jax.devices()[:1])
+  step, params, centers, _, _ = evaluate.restore_params(config, str(workdir), "latest", mesh)
+  return step, jax.device_get(params), jax.device_get(centers)
+
+
+def assert_same_run(workdir_a, workdir_b, synth_root):
+  assert read_metrics(workdir_a) == read_metrics(workdir_b)
+  step_a, params_a, centers_a = final_params(workdir_a, synth_root)
+  step_b, params_b, centers_b = final_params(workdir_b, synth_root)
+  assert step_a == step_b == SHRINK["num_train_steps"]
+  jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
+  np.testing.assert_array_equal(centers_a, centers_b)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(synth_root, tmp_path_factory):
+  """The reference run, in a subprocess on one CPU device."""
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  run_cli("faer_jax.train", cli_args(synth_root, workdir))
+  return workdir
+
+
+def test_demo_end_to_end_in_process(synth_root, tmp_path):
+  """8 simulated devices in this process; then evaluate (JSON keys, PNG) and resume-noop."""
+  config = demo_config(synth_root)
+  metrics = train.train_and_evaluate(config, str(tmp_path))
+  assert metrics["num_examples"] == 20 and 0 <= metrics["accuracy"] <= 1
+  logged = read_metrics(tmp_path)
+  assert [m["step"] for m in logged if "train_loss" in m] == [1, 2, 3, 4, 5, 6]
+  assert all(np.isfinite(m["train_loss"]) for m in logged if "train_loss" in m)
+  assert [m["step"] for m in logged if "eval_accuracy" in m] == [3, 6]
+  assert json.load(open(tmp_path / "config.json"))["model"]["variant"] == "test"
+  assert os.listdir(tmp_path / "tensorboard")
+  # The evaluation CLI reads this run's own config.json when --config is absent.
+  result = run_cli("faer_jax.evaluate", ["--workdir", str(tmp_path), "--checkpoint", "best", "--json"])
+  out = json.loads(result.stdout)
+  assert {"step", "loss", "accuracy", "per_class_accuracy", "confusion_matrix"} <= out.keys()
+  assert len(out["per_class_accuracy"]) == 7 and np.sum(out["confusion_matrix"]) == 20
+  assert os.path.exists(out["figure"]) and out["figure"].endswith(".png")
+  assert out["accuracy"] == pytest.approx(max(m["eval_accuracy"] for m in logged if "eval_accuracy" in m))
+  # Same command again: nothing left to do, nothing changes.
+  before = read_metrics(tmp_path)
+  train.train_and_evaluate(config, str(tmp_path))
+  assert read_metrics(tmp_path) == before
+
+
+def test_one_device_equals_eight(uninterrupted, synth_root, tmp_path):
+  """The same run on 8 (simulated) devices: the same losses, up to float reduction order."""
+  run_cli("faer_jax.train", cli_args(synth_root, tmp_path), devices=8)
+  one = [m["train_loss"] for m in read_metrics(uninterrupted) if "train_loss" in m]
+  eight = [m["train_loss"] for m in read_metrics(tmp_path) if "train_loss" in m]
+  assert len(one) == len(eight) == 6
+  np.testing.assert_allclose(eight, one, rtol=2e-4)
+
+
+def test_sigkill_then_resume_is_bit_exact(uninterrupted, synth_root, tmp_path):
+  proc = run_cli("faer_jax.train", cli_args(synth_root, tmp_path), popen=True,
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while not os.path.isdir(tmp_path / "checkpoints" / "3") and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert os.path.isdir(tmp_path / "checkpoints" / "3"), "the run never reached its first checkpoint"
+  run_cli("faer_jax.train", cli_args(synth_root, tmp_path))
+  assert_same_run(uninterrupted, tmp_path, synth_root)
+
+
+def test_sigterm_saves_then_resume_is_bit_exact(uninterrupted, synth_root, tmp_path):
+  proc = run_cli("faer_jax.train", cli_args(synth_root, tmp_path), popen=True,
+                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  metrics_file = tmp_path / "metrics.jsonl"
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if metrics_file.exists() and '"step": 1,' in metrics_file.read_text():
+      break
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-3000:]
+  steps_saved = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+  assert steps_saved and steps_saved[-1] < SHRINK["num_train_steps"], (steps_saved, err[-2000:])
+  assert "Pre-empted" in err
+  run_cli("faer_jax.train", cli_args(synth_root, tmp_path))
+  assert_same_run(uninterrupted, tmp_path, synth_root)
+
+
+def test_two_processes_equal_one(uninterrupted, synth_root, tmp_path, run_two_processes):
+  """A 2-process jax.distributed run (loopback coordinator, gloo) gives one process's losses."""
+  script = (
+      "import sys, jax; jax.config.update('jax_cpu_collectives_implementation', 'gloo');"
+      "from absl import app; from faer_jax import train;"
+      "train.define_flags('', '');"
+      "port, pid = sys.argv[1], sys.argv[2];"
+      "sys.argv = ['train', f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',"
+      " f'--process_id={pid}'] + sys.argv[3:];"
+      "app.run(train.main)")
+  run_two_processes(script, *cli_args(synth_root, tmp_path), timeout=300)
+  one = [m["train_loss"] for m in read_metrics(uninterrupted) if "train_loss" in m]
+  two = [m["train_loss"] for m in read_metrics(tmp_path) if "train_loss" in m]
+  assert len(two) == 6
+  np.testing.assert_allclose(two, one, rtol=2e-4)
+  evals_one = [m["eval_accuracy"] for m in read_metrics(uninterrupted) if "eval_accuracy" in m]
+  evals_two = [m["eval_accuracy"] for m in read_metrics(tmp_path) if "eval_accuracy" in m]
+  assert evals_one == evals_two
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(synth_root, tmp_path, monkeypatch):
+  original = steps.train_step
+
+  def poisoned(state, batch, **kwargs):
+    new_state, metrics = original(state, batch, **kwargs)
+    metrics["loss"] = jnp.where(state["step"] >= 4, jnp.nan, metrics["loss"])  # the 5th update
+    return new_state, metrics
+
+  monkeypatch.setattr(steps, "train_step", poisoned)
+  config = demo_config(synth_root, checkpoint_every_steps=2, eval_every_steps=100)
+  with pytest.raises(train.NonFiniteLossError, match="at step 5"):
+    train.train_and_evaluate(config, str(tmp_path))
+  saved = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+  assert saved[-1] == 4
+
+
+def test_bad_config_fails_before_compiling(synth_root, tmp_path):
+  result = run_cli("faer_jax.train", cli_args(synth_root, tmp_path) + ["--config.batch_szie=4"], check=False)
+  assert result.returncode != 0 and "batch_szie" in result.stderr
+  result = run_cli("faer_jax.train", cli_args(synth_root, tmp_path) + ["--config.batch_size=oops"], check=False)
+  assert result.returncode != 0 and "batch_size" in result.stderr
+
+
+def test_rafdb_config_without_data_points_to_the_demo(tmp_path):
+  missing = tmp_path / "RAF-DB"
+  result = run_cli("faer_jax.train", ["--config", os.path.join(REPO, "configs", "rafdb.py"), "--workdir",
+                                      str(tmp_path / "run"), f"--config.data.root={missing}"], check=False)
+  assert result.returncode != 0
+  assert "list_patition_label.txt" in result.stderr and "make demo" in result.stderr
+  assert "whdeng.cn" in result.stderr
