@@ -123,7 +123,7 @@ def load_torch_checkpoint(path: str, model: flax.linen.Module, *, strict: bool =
   state_dict, container = read_state_dict(path)
   # Map onto shapes first; initialise (an XLA compile) only if the checkpoint
   # leaves something to initialise.
-  target = variables if variables is not None else jax.eval_shape(init_variables, model, seed)
+  target = variables if variables is not None else jax.eval_shape(lambda: init_variables(model, seed))
   loaded, report = load_state_dict(state_dict, target, strict=strict, container=container)
   if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(loaded)):
     fresh = init_variables(model, seed)

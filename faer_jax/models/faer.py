@@ -19,6 +19,11 @@ class FAER(nn.Module):
   `features` is the spatial mean of the CC Attention output, before the final
   LayerNorm: the vector the center loss pulls towards its class center.
   Images are NHWC, normalised with the ImageNet mean and std.
+
+  The forward pass is also available in its three parts, for Grad-CAM and
+  feature extraction (`apply(..., method=FAER.extract)` etc.):
+  extract (images -> last stage map), attend (map -> CC Attention map) and
+  classify (CC Attention map -> (features, logits)).
   """
 
   num_classes: int
@@ -30,15 +35,28 @@ class FAER(nn.Module):
   dtype: Dtype = jnp.float32
   conv_impl: str = "auto"
 
-  @nn.compact
-  def __call__(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
-    x = ConvNeXt(self.depths, self.dims, self.drop_path_rate, self.layer_scale_init_value, self.dtype,
-                 self.conv_impl, name="backbone")(images, train)
-    x = CCAttention(self.dims[-1], self.dtype, name="cc_attention")(x)
-    features = jnp.mean(x, axis=(1, 2))
-    x = layers.layer_norm(1e-6, self.dtype, "norm")(features)
+  def setup(self):
+    self.backbone = ConvNeXt(self.depths, self.dims, self.drop_path_rate, self.layer_scale_init_value,
+                             self.dtype, self.conv_impl)
+    self.cc_attention = CCAttention(self.dims[-1], self.dtype)
+    self.norm = layers.layer_norm(1e-6, self.dtype, None)
     # The original multiplies the head's initial weight and bias by head_init_scale.
     scaled = lambda init: (lambda *a: init(*a) * self.head_init_scale)
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=scaled(layers.kernel_init),
-                      bias_init=scaled(layers.bias_init), name="head")(x)
-    return features, logits
+    self.head = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=scaled(layers.kernel_init),
+                         bias_init=scaled(layers.bias_init))
+
+  def __call__(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
+    return self.classify(self.attend(self.extract(images, train)))
+
+  def extract(self, images: jax.Array, train: bool = False) -> jax.Array:
+    """The backbone's last stage map (B, H/32, W/32, C)."""
+    return self.backbone(images, train)
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    """CC Attention on the last stage map; same shape."""
+    return self.cc_attention(x)
+
+  def classify(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(pre-norm pooled features, logits) from the CC Attention map."""
+    features = jnp.mean(x, axis=(1, 2))
+    return features, self.head(self.norm(features))

@@ -27,7 +27,7 @@ def gelu(x: jax.Array) -> jax.Array:
   return nn.gelu(x, approximate=False)
 
 
-def layer_norm(eps: float, dtype: Dtype, name: str) -> nn.LayerNorm:
+def layer_norm(eps: float, dtype: Dtype, name: str | None) -> nn.LayerNorm:
   """A LayerNorm over the channel (last) axis, computed as torch computes it.
 
   `use_fast_variance=False` computes the variance as mean((x - mean)^2), as
