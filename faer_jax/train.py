@@ -133,6 +133,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Data: host-local numpy from grain, this process's share only.
   train_source = create_data_source(config, config.data.train_split)
   eval_source = create_data_source(config, config.data.eval_split)
+  if is_main:  # what predict and gradcam name the outputs with
+    with open(os.path.join(workdir, "classes.json"), "w") as f:
+      json.dump({"task": config.task, "class_names": list(train_source.class_names)}, f)
   steps_per_epoch = len(train_source) // config.batch_size
   if steps_per_epoch == 0:
     raise ValueError(f"Bad config: batch_size={config.batch_size} exceeds the {len(train_source)} training examples.")
