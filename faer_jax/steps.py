@@ -89,7 +89,7 @@ def train_step(state: State, batch: Batch, *, model: nn.Module, tx: optax.Gradie
     new_state["centers"] = losses.update_centers(state["centers"], features, batch["label"],
                                                  alpha=config.loss.center_alpha)
   metrics = {"loss": loss, "accuracy": jnp.mean(_correct(config, logits, batch["label"])),
-             "learning_rate": schedule(state["step"]), "grad_norm": optax.global_norm(grads), **parts}
+             "learning_rate": schedule(state["step"]), "grad_norm": optax.tree.norm(grads), **parts}
   return new_state, metrics
 
 
