@@ -9,11 +9,14 @@ last tests run the real RAF-DB source on a small synthetic tree.
 import json
 import logging
 
+import grain
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
 from faer_jax.data import create_source
+from faer_jax.data import input_benchmark
 from faer_jax.data import pipeline
 from faer_jax.data import synth
 from faer_jax.data import transforms
@@ -119,9 +122,11 @@ def test_pad_keeps_the_aspect_and_pads_with_the_mean_colour():
   np.testing.assert_allclose(transforms.normalize(out[:, 99:]), 0, atol=0.01)
 
 
-def test_hflip_mirrors_columns():
-  image = np.arange(2 * 3 * 3).reshape(2, 3, 3)
-  np.testing.assert_array_equal(transforms.hflip(image), image[:, ::-1])
+@pytest.mark.parametrize("shape", [(5, 7, 3), (8, 8, 3)])
+def test_flip_mirrors_columns(shape):
+  image = np.random.default_rng(2).integers(0, 256, shape, np.uint8)
+  flipped = transforms.resize(image, 8, flip=True)
+  np.testing.assert_array_equal(flipped, transforms.resize(image, 8)[:, ::-1])
 
 
 # -------------------------------------------------------------------- sharding
@@ -191,7 +196,7 @@ def test_flips_are_random_per_example_and_faithful():
   for batch in batches:
     for image, index, flip in zip(batch["image"], *decode(batch)):
       expected = source[index]["image"]
-      expected = transforms.hflip(expected) if flip else expected
+      expected = expected[:, ::-1] if flip else expected
       np.testing.assert_array_equal(image, transforms.normalize(expected))
   unflipped = take(train_iterator(source, batch_size=8, random_flip=False), 16)
   assert not any(decode(b)[1].any() for b in unflipped)
@@ -226,6 +231,18 @@ def test_two_processes_read_disjoint_shares_that_cover_the_data():
     seen.append(np.concatenate([decode(b)[0] for b in batches]))
   assert set(seen[0]).isdisjoint(seen[1])
   np.testing.assert_array_equal(np.sort(np.concatenate(seen)), np.arange(24))
+
+
+def test_global_batches_do_not_depend_on_the_process_count():
+  """Process p's batch k is rows [p*b, (p+1)*b) of one process's global batch k (flips included)."""
+  source = fer_source(24)
+  single = list(train_iterator(source, num_epochs=2, batch_size=6))
+  halves = [list(train_iterator(source, shard_index=p, shard_count=2, num_epochs=2, batch_size=3))
+            for p in range(2)]
+  assert len(single) == len(halves[0]) == len(halves[1]) == 8
+  for k, batch in enumerate(single):
+    for key in ("image", "label"):
+      np.testing.assert_array_equal(np.concatenate([halves[0][k][key], halves[1][k][key]]), batch[key])
 
 
 def test_balanced_sampling_draws_classes_equally_often():
@@ -377,3 +394,30 @@ def test_rafdb_corrupt_jpeg_is_named_or_skipped(rafdb_root, tmp_path):
       skip_bad_images=True)
   assert len(list(iterator)) == 13
   assert pipeline.num_skipped_images(iterator) == 1
+
+
+def test_training_iterator_round_trips_through_grains_orbax_handler(tmp_path):
+  source = fer_source(26)
+  first = train_iterator(source)
+  take(first, 4)
+  checkpointer = ocp.Checkpointer(grain.checkpoint.CheckpointHandler())
+  checkpointer.save(tmp_path / "iterator",
+                    args=grain.checkpoint.CheckpointSave(first))
+  expected = take(first, 4)
+  resumed = train_iterator(source)
+  checkpointer.restore(tmp_path / "iterator",
+                       args=grain.checkpoint.CheckpointRestore(resumed))
+  assert_same_batches(take(resumed, 4), expected)
+
+
+def test_input_benchmark_reports_both_loaders(rafdb_root, capsys):
+  assert input_benchmark.main([
+      "--root", str(rafdb_root), "--batch-size", "4", "--image-size", "16",
+      "--num-workers", "0", "--batches", "2", "--warmup", "1", "--rounds", "1",
+      "--decoders", "--json"]) == 0
+  report = json.loads(capsys.readouterr().out)
+  assert report["num_examples"] == 35
+  assert report["grain_images_per_s"] > 0 and report["torch_images_per_s"] > 0
+  assert report["ratio"] == pytest.approx(
+      report["grain_images_per_s"] / report["torch_images_per_s"], rel=0.01)
+  assert report["decoders"]["pillow"]["decode"] > 0

@@ -51,10 +51,11 @@ def cli_args(synth_root, workdir, **overrides):
   return ["--config", DEMO, "--workdir", str(workdir)] + [f"--config.{k}={v}" for k, v in values.items()]
 
 
-def run_cli(module, args, devices=1, check=True, **popen):
+def run_cli(module, args, devices=1, check=True, popen=None):
+  """Runs `python -m module args` on `devices` CPU devices; with popen (Popen keywords), returns the process."""
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
   cmd = [sys.executable, "-m", module, *args]
-  if popen:
+  if popen is not None:
     return subprocess.Popen(cmd, env=env, cwd=REPO, **popen)
   result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
   if check:
@@ -125,8 +126,8 @@ def test_one_device_equals_eight(uninterrupted, synth_root, tmp_path):
 
 
 def test_sigkill_then_resume_is_bit_exact(uninterrupted, synth_root, tmp_path):
-  proc = run_cli("faer_jax.train", cli_args(synth_root, tmp_path), popen=True,
-                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = run_cli("faer_jax.train", cli_args(synth_root, tmp_path),
+                 popen=dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
   deadline = time.time() + 240
   while not os.path.isdir(tmp_path / "checkpoints" / "3") and time.time() < deadline and proc.poll() is None:
     time.sleep(0.05)
@@ -138,8 +139,8 @@ def test_sigkill_then_resume_is_bit_exact(uninterrupted, synth_root, tmp_path):
 
 
 def test_sigterm_saves_then_resume_is_bit_exact(uninterrupted, synth_root, tmp_path):
-  proc = run_cli("faer_jax.train", cli_args(synth_root, tmp_path), popen=True,
-                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  proc = run_cli("faer_jax.train", cli_args(synth_root, tmp_path),
+                 popen=dict(stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
   metrics_file = tmp_path / "metrics.jsonl"
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None:

@@ -11,7 +11,9 @@ PyTorch side is what the original's torchvision pipeline does, written with
 PIL + numpy + torch (``ToTensor`` then ``Normalize``, channels first), because
 torchvision is not a dependency. The two are timed in alternating rounds, each
 loader alone on the machine and past its warm-up, so that drift in the
-machine's load hits both; the medians and their ratio are reported.
+machine's load hits both; the medians and their ratio are reported, with the
+CPU time per image of each loader's processes, which a busy machine blurs
+less than the wall clock.
 
 ``--decoders`` also times JPEG decoding of the split's files with each
 decoder installed (Pillow, Pillow in draft mode, simplejpeg, OpenCV), alone
@@ -30,6 +32,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
+import psutil
 from PIL import Image
 
 from faer_jax.data import create_source
@@ -60,16 +63,22 @@ class TorchFaces:
                                           Image.BILINEAR)
     if random.random() < 0.5:
       image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1)
-    tensor = tensor.float().div_(255)
+    # ToTensor: HWC uint8 -> contiguous CHW float in [0, 1].
+    tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
+    tensor = tensor.float().div(255)
+    # Normalize (not in place: it clones, then subtracts and divides).
     mean = torch.tensor(transforms.IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(transforms.IMAGENET_STD).view(3, 1, 1)
-    return (tensor - mean) / std, int(self._labels[index])
+    return tensor.sub(mean).div_(std), int(self._labels[index])
 
 
 def _torch_batches(source, args) -> Iterator:
   import torch  # pylint: disable=g-import-not-at-top
 
+  # What DataLoader sets in its workers; with num_workers=0 the per-image
+  # ops run here, where two intra-op threads on tiny tensors took 15 ms per
+  # image instead of 0.2 on the 2-core development machine.
+  torch.set_num_threads(1)
   dataset = TorchFaces([source.path(i) for i in range(len(source))],
                        np.asarray(source.labels), args.image_size)
   loader = torch.utils.data.DataLoader(
@@ -83,19 +92,38 @@ def _torch_batches(source, args) -> Iterator:
 def _grain_batches(source, args) -> Iterator:
   return pipeline.create_train_iterator(
       source, batch_size=args.batch_size, image_size=args.image_size, seed=0,
-      num_workers=args.num_workers)
+      num_workers=args.num_workers, num_threads=args.num_threads)
 
 
-def _images_per_second(make: Callable[[], Iterator], args) -> float:
-  """Throughput of a fresh loader after `args.warmup` batches."""
+def _cpu_seconds() -> float:
+  """CPU time (user + system) of this process and its live descendants."""
+  total = 0.0
+  me = psutil.Process()
+  for process in [me, *me.children(recursive=True)]:
+    try:
+      times = process.cpu_times()
+    except psutil.NoSuchProcess:
+      continue
+    total += times.user + times.system
+  return total
+
+
+def _measure(make: Callable[[], Iterator], args) -> tuple[float, float]:
+  """(images/s, CPU ms per image) of a fresh loader after its warm-up.
+
+  CPU time counts every process of the loader, so it shows the cost of the
+  work even when other jobs on the machine blur the wall-clock rate.
+  """
   batches = make()
   try:
     for _ in range(args.warmup):
       next(batches)
-    start = time.perf_counter()
+    cpu, start = _cpu_seconds(), time.perf_counter()
     for _ in range(args.batches):
       next(batches)
-    return args.batches * args.batch_size / (time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    images = args.batches * args.batch_size
+    return images / seconds, (_cpu_seconds() - cpu) / images * 1000
   finally:
     # Stops the worker processes, so the next round has the machine alone.
     close = getattr(batches, "close", None)
@@ -176,6 +204,9 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--batch-size", type=int, default=64)
   parser.add_argument("--image-size", type=int, default=224)
   parser.add_argument("--num-workers", type=int, default=2)
+  parser.add_argument("--num-threads", type=int, default=None,
+                      help="grain's reading threads per worker (default: "
+                      "the pipeline's)")
   parser.add_argument("--batches", type=int, default=40,
                       help="timed batches per round")
   parser.add_argument("--warmup", type=int, default=5,
@@ -188,13 +219,18 @@ def main(argv: list[str]) -> int:
   args = parser.parse_args(argv)
 
   source = create_source(args.dataset, args.root, args.split)
-  rates = {"grain": [], "torch": []}
   loaders = {"grain": _grain_batches, "torch": _torch_batches}
+  rates = {name: [] for name in loaders}
+  cpu = {name: [] for name in loaders}
   for _ in range(args.rounds):
     for name, make in loaders.items():
-      rates[name].append(_images_per_second(lambda: make(source, args), args))
+      rate, cpu_ms = _measure(lambda: make(source, args), args)
+      rates[name].append(rate)
+      cpu[name].append(cpu_ms)
   grain_rate = statistics.median(rates["grain"])
   torch_rate = statistics.median(rates["torch"])
+  grain_cpu = statistics.median(cpu["grain"])
+  torch_cpu = statistics.median(cpu["torch"])
   report = {
       "dataset": args.dataset, "root": args.root, "split": args.split,
       "num_examples": len(source), "batch_size": args.batch_size,
@@ -203,6 +239,10 @@ def main(argv: list[str]) -> int:
       "grain_images_per_s": round(grain_rate, 1),
       "torch_images_per_s": round(torch_rate, 1),
       "ratio": round(grain_rate / torch_rate, 3),
+      "grain_cpu_ms_per_image": round(grain_cpu, 3),
+      "torch_cpu_ms_per_image": round(torch_cpu, 3),
+      # None when a run is too short for the clock's 10 ms resolution.
+      "cpu_ratio": round(torch_cpu / grain_cpu, 3) if grain_cpu else None,
       "grain_rounds": [round(r, 1) for r in rates["grain"]],
       "torch_rounds": [round(r, 1) for r in rates["torch"]],
   }
@@ -214,11 +254,12 @@ def main(argv: list[str]) -> int:
     return 0
   print(f"{args.dataset} {args.split}: {len(source)} images, batch "
         f"{args.batch_size}, {args.image_size}px, {args.num_workers} workers")
-  print(f"  grain pipeline   {grain_rate:8.1f} images/s  (rounds "
-        f"{report['grain_rounds']})")
-  print(f"  torch DataLoader {torch_rate:8.1f} images/s  (rounds "
-        f"{report['torch_rounds']})")
-  print(f"  ratio grain/torch {report['ratio']:.2f}")
+  print(f"  grain pipeline   {grain_rate:8.1f} images/s, {grain_cpu:.3f} CPU "
+        f"ms/image  (rounds {report['grain_rounds']})")
+  print(f"  torch DataLoader {torch_rate:8.1f} images/s, {torch_cpu:.3f} CPU "
+        f"ms/image  (rounds {report['torch_rounds']})")
+  print(f"  grain/torch: {report['ratio']:.2f}x the images/s, "
+        f"{report['cpu_ratio']}x less CPU per image")
   for name, timings in report.get("decoders", {}).items():
     print(f"  decoder {name:18s} decode {timings['decode']:8.1f}/s   "
           f"decode+resize {timings['decode_resize']:8.1f}/s")

@@ -2,9 +2,9 @@
 
 The demo and the tests train on these instead of the real datasets, and they
 go through the real loaders because the files sit exactly where the owners put
-them (see ../shared/DATASETS.md). Each face is drawn with Pillow: position,
-scale, skin tone, background, hair and accessories vary; the expression is
-carried by the mouth, eyebrows and eyes, and the CelebA attributes are visible.
+them. Each face is drawn with Pillow: position, scale, skin tone, background,
+hair and accessories vary; the expression is carried by the mouth, eyebrows
+and eyes, and the CelebA attributes are visible.
 
 Every example is rendered from an RNG derived from ``(seed, split, index)``, so
 a seed gives the same bytes whatever the number of worker processes.
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import math
+import multiprocessing
 import os
 import pathlib
 import shutil
@@ -139,19 +140,17 @@ def sample_attributes(rng: np.random.Generator) -> dict[str, bool]:
     attrs[name] = hair_colour == name
   for name in ("Straight_Hair", "Wavy_Hair"):
     attrs[name] = hair_texture == name
-  # The full beard without a goatee is what separates Goatee from No_Beard.
-  attrs["_full_beard"] = beard and not goatee
-  attrs["_hair_colour"] = hair_colour
   return attrs
 
 
 def _rafdb_nuisance(rng: np.random.Generator) -> dict[str, bool]:
   """Attributes for an expression image: varied, but never hiding the mouth,
-  brows or eyes (no beard, mustache, bangs, blur or sunglasses)."""
+  brows or eyes (no beard, mustache, bangs, blur or narrowed eyes)."""
   attrs = sample_attributes(rng)
-  for name in ("Bangs", "Goatee", "Mustache", "Blurry", "_full_beard",
-               "Narrow_Eyes", "Smiling", "Mouth_Slightly_Open"):
+  for name in ("Bangs", "Goatee", "Mustache", "Blurry", "Narrow_Eyes",
+               "Smiling", "Mouth_Slightly_Open"):
     attrs[name] = False
+  attrs["No_Beard"] = True
   return attrs
 
 
@@ -203,7 +202,9 @@ def _draw_face(rng, width, height, expression, attrs, centre_y):
   t = max(2.0, 0.07 * a)  # Stroke width of lines on the face.
   skin = _skin(rng, attrs["Pale_Skin"])
   dark_skin = tuple(int(c * 0.75) for c in skin)
-  hair = _HAIR_COLOURS.get(attrs["_hair_colour"], (40, 30, 25))
+  hair = next((_HAIR_COLOURS[name] for name in _HAIR_COLOURS
+               if attrs.get(name)),
+              (40, 30, 25) if attrs["Bald"] else _HAIR_COLOURS["other"])
   act = _FACE_ACTIONS[expression]
 
   # Body: shoulders with shirt, neck, and what is worn there.
@@ -248,7 +249,7 @@ def _draw_face(rng, width, height, expression, attrs, centre_y):
   # Lower-face hair: stubble, beards, sideburns.
   if attrs["5_o_Clock_Shadow"]:
     draw.chord(_ellipse(cx, cy, a, b), 15, 165, fill=(60, 50, 45, 90))
-  if attrs["_full_beard"]:
+  if not attrs["No_Beard"] and not attrs["Goatee"]:  # A full beard.
     draw.chord(_ellipse(cx, cy, a * 1.02, b * 1.04), 10, 170, fill=hair)
   if attrs["Goatee"]:
     draw.ellipse(_ellipse(cx, cy + 0.82 * b, 0.25 * a, 0.17 * b), fill=hair)
@@ -440,7 +441,9 @@ def _render_celeba(job):
 def _run(render: Callable, jobs: Sequence, workers: int) -> list:
   if workers <= 1 or len(jobs) < 64:
     return [render(job) for job in jobs]
-  with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+  # Spawned, not forked: the caller may have started JAX's threads.
+  with concurrent.futures.ProcessPoolExecutor(
+      workers, mp_context=multiprocessing.get_context("spawn")) as pool:
     return list(pool.map(render, jobs, chunksize=32))
 
 
