@@ -32,6 +32,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 # RAF-DB's label order (file labels 1-7 are these, in this order).
+# Bump when the drawing changes, so cached sets are regenerated.
+SYNTH_VERSION = 1
+
 EXPRESSIONS = ("Surprise", "Fear", "Disgust", "Happiness", "Sadness", "Anger",
                "Neutral")
 
@@ -555,7 +558,9 @@ def ensure_synthetic_rafdb(cache_dir: str | os.PathLike, num_train: int = 3500,
     The dataset root (pass it to ``create_source('rafdb', root, split)``).
   """
   cache_dir = pathlib.Path(cache_dir)
-  root = cache_dir / f"rafdb_synth_{num_train}_{num_test}_seed{seed}_{size}px"
+  # The drawing's version is in the name: a cache written by older code is
+  # never mistaken for the current set.
+  root = cache_dir / f"rafdb_synth_v{SYNTH_VERSION}_{num_train}_{num_test}_seed{seed}_{size}px"
   if root.is_dir():
     return root
   cache_dir.mkdir(parents=True, exist_ok=True)
