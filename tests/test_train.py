@@ -207,3 +207,18 @@ def test_rafdb_config_without_data_points_to_the_demo(tmp_path):
   assert result.returncode != 0
   assert "list_patition_label.txt" in result.stderr and "make demo" in result.stderr
   assert "whdeng.cn" in result.stderr
+
+
+def test_fsdp_and_bfloat16(uninterrupted, synth_root, tmp_path):
+  """Parameters and optimizer state sharded over 'fsdp'; bf16 compute with float32 state."""
+  config = demo_config(synth_root, fsdp=2, num_train_steps=2, eval_every_steps=2, checkpoint_every_steps=2)
+  config.model.dtype = "bfloat16"
+  metrics = train.train_and_evaluate(config, str(tmp_path))
+  assert 0 <= metrics["accuracy"] <= 1
+  losses = [m["train_loss"] for m in read_metrics(tmp_path) if "train_loss" in m]
+  assert len(losses) == 2 and all(np.isfinite(losses))
+  # The same first step in float32 without fsdp: bf16 changes the loss only slightly.
+  first = [m["train_loss"] for m in read_metrics(uninterrupted) if "train_loss" in m][0]
+  assert losses[0] == pytest.approx(first, rel=0.02)
+  step, params, _ = final_params(tmp_path, synth_root)
+  assert step == 2 and all(p.dtype == np.float32 for p in jax.tree.leaves(params))
