@@ -1,4 +1,4 @@
-"""python -m faer_jax.benchmark {train,input}: how fast FAER runs, in JAX and next to PyTorch.
+"""python -m faer_jax.benchmark {train,layers,input}: how fast FAER runs, in JAX and next to PyTorch.
 
   train  --variant tiny --batch-size 16 --image-size 224 [--steps 3] [--framework jax|torch|both]
          [--dtype float32|bfloat16] [--threads 2] [--conv-impl auto] [--json]
@@ -8,6 +8,10 @@
          shapes, interleaved with the JAX measurements so that machine noise hits
          both. Prints images/s, the JAX/PyTorch ratio, XLA's FLOP count and the
          achieved FLOP/s (and MFU where the chip's peak is known).
+  layers --variant tiny --batch-size 16 [--threads 1 --clock cpu]
+         Each implementation of the model's convolutions (depthwise 7x7, CC
+         Attention's grouped 7x7, the patchify stem and downsampling), forward
+         and forward + backward, next to torch.nn.Conv2d.
   input  ...   The input pipeline's throughput (faer_jax.data.input_benchmark).
 
 This module imports neither jax nor torch: `--threads` has to act before either
@@ -24,8 +28,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Owned by the data pipeline; imported lazily so `train` never pays for grain.
     from faer_jax.data import input_benchmark  # pylint: disable=g-import-not-at-top
     return input_benchmark.main(argv[1:])
-  from faer_jax.benchmark import train  # pylint: disable=g-import-not-at-top
   if argv and argv[0] == "train":
+    from faer_jax.benchmark import train  # pylint: disable=g-import-not-at-top
     return train.main(argv[1:])
+  if argv and argv[0] == "layers":
+    from faer_jax.benchmark import layers  # pylint: disable=g-import-not-at-top
+    return layers.main(argv[1:])
   print(__doc__, file=sys.stderr)
   return 0 if argv and argv[0] in ("-h", "--help") else 2

@@ -23,6 +23,7 @@ def limit_threads(n: int | None) -> dict:
   `xla_threads_applied` says so.
   """
   cpus = sorted(os.sched_getaffinity(0))
+  requested = n is not None
   if n is None:
     n = len(cpus)
   if not 1 <= n <= len(cpus):
@@ -33,7 +34,7 @@ def limit_threads(n: int | None) -> dict:
       os.sched_setaffinity(0, cpus[:n])
     if n == 1:
       os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
-  else:
+  elif requested:
     print(f"warning: jax is already imported; XLA's thread pool keeps its size, --threads {n} "
           "only reaches PyTorch.", file=sys.stderr)
   # Read by MKL and OpenMP when torch loads them; torch.set_num_threads also sets it.

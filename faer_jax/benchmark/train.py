@@ -14,6 +14,7 @@ of `--steps` rounds after `--warmup` untimed ones.
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -45,16 +46,31 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--threads", type=int, default=None, help="CPU threads for both (default: all allowed).")
   p.add_argument("--conv-impl", default="auto",
                  help="Flax depthwise/grouped conv implementation (see faer_jax.models.layers).")
+  p.add_argument("--compiler-option", action="append", default=[], metavar="KEY=VALUE",
+                 help="An XLA option for the JAX programs, e.g. xla_cpu_use_xnnpack=false (repeatable).")
+  p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                 help="'cpu' times with the process's CPU time: with --threads 1 on a machine shared with "
+                      "other jobs, it counts this process's work and not its waits.")
   p.add_argument("--skip-eval", action="store_true", help="Time the training step only.")
   p.add_argument("--skip-train", action="store_true", help="Time the eval forward only.")
   p.add_argument("--json", action="store_true", help="Print one JSON object instead of a table.")
   return p
 
 
-def _timed(fn: Callable[[], object]) -> float:
-  start = time.perf_counter()
+def _timed(fn: Callable[[], object], clock: Callable[[], float]) -> float:
+  start = clock()
   fn()
-  return time.perf_counter() - start
+  return clock() - start
+
+
+def _compiler_options(pairs: Sequence[str]) -> dict[str, str]:
+  options = {}
+  for pair in pairs:
+    key, sep, value = pair.partition("=")
+    if not sep:
+      raise ValueError(f"--compiler-option {pair!r}: expected KEY=VALUE.")
+    options[key] = value
+  return options
 
 
 class _JaxBench:
@@ -95,8 +111,10 @@ class _JaxBench:
 
     self.state = (params, tx.init(params))
     # Compiled ahead of time: the cost analysis comes from the very program timed.
-    self.train_step = jax.jit(train_step, donate_argnums=0).lower(self.state, self.images, self.labels).compile()
-    self.eval_forward = jax.jit(eval_forward).lower(params, self.images).compile()
+    options = _compiler_options(args.compiler_option)
+    self.train_step = jax.jit(train_step, donate_argnums=0).lower(
+        self.state, self.images, self.labels).compile(compiler_options=options)
+    self.eval_forward = jax.jit(eval_forward).lower(params, self.images).compile(compiler_options=options)
     self.train_flops = compiled_flops(self.train_step)
     self.eval_flops = compiled_flops(self.eval_forward)
 
@@ -152,15 +170,15 @@ def _batch(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
   return images, rng.integers(0, args.num_classes, args.batch_size).astype(np.int32)
 
 
-def _interleaved(benches: dict[str, object], phases: Sequence[str], warmup: int,
-                 steps: int) -> dict[str, list[float]]:
+def _interleaved(benches: dict[str, object], phases: Sequence[str], warmup: int, steps: int,
+                 clock: Callable[[], float]) -> dict[str, list[float]]:
   """Seconds per call of bench.<phase>(), alternating frameworks call by call."""
   times = {f"{name}_{phase}": [] for phase in phases for name in benches}
   for round_ in range(warmup + steps):
     for phase in phases:
       for name, bench in benches.items():
         time.sleep(_SETTLE_S)
-        seconds = _timed(getattr(bench, phase))
+        seconds = _timed(getattr(bench, phase), clock)
         if round_ >= warmup:
           times[f"{name}_{phase}"].append(seconds)
   return times
@@ -177,17 +195,22 @@ def run(args: argparse.Namespace) -> dict:
     benches["jax"] = _JaxBench(args)
   if args.framework in ("torch", "both"):
     benches["torch"] = _TorchBench(args, applied["threads"])
-  times = _interleaved(benches, phases, args.warmup, args.steps)
+  clock = time.process_time if args.clock == "cpu" else time.perf_counter
+  load_before = os.getloadavg()[0]
+  times = _interleaved(benches, phases, args.warmup, args.steps, clock)
 
   result = {
       "variant": args.variant, "batch_size": args.batch_size, "image_size": args.image_size,
-      "dtype": args.dtype, "steps": args.steps, **applied, "cpu": _cpu_name(),
+      "dtype": args.dtype, "steps": args.steps, **applied, "clock": args.clock, "cpu": _cpu_name(),
+      # Other jobs on the machine: the 1-minute load average before and after the timed rounds.
+      "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
   }
   jax_bench = benches.get("jax")
   if jax_bench is not None:
     import jax  # pylint: disable=g-import-not-at-top
     result.update(jax_version=jax.__version__, device=jax_bench.device.device_kind,
-                  platform=jax_bench.device.platform, conv_impl=args.conv_impl)
+                  platform=jax_bench.device.platform, conv_impl=args.conv_impl,
+                  compiler_options=_compiler_options(args.compiler_option))
     peak = peak_flops(jax_bench.device.device_kind, args.dtype)
     result["peak_flops_per_sec"] = peak
   for key, seconds in times.items():
@@ -217,13 +240,18 @@ def _cpu_name() -> str:
   return platform.processor() or platform.machine()
 
 
-def _fmt_rate(value: float | None, unit: str = "FLOP/s") -> str:
-  return "n/a" if value is None else f"{value / 1e9:.1f} G{unit}"
+def _fmt_flops(value: float | None, unit: str = "FLOP/s") -> str:
+  if value is None:
+    return "n/a"
+  for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M")):
+    if value >= scale:
+      return f"{value / scale:.1f} {prefix}{unit}"
+  return f"{value:.0f} {unit}"
 
 
 def _print_table(r: dict) -> None:
   print(f"FAER-{r['variant']}  batch {r['batch_size']}  {r['image_size']} px  {r['dtype']}  "
-        f"threads {r['threads']}  ({r['cpu']})")
+        f"threads {r['threads']}  clock {r['clock']}  ({r['cpu']}, load average {r['load_average']})")
   if "device" in r:
     print(f"jax {r['jax_version']} on {r['platform']} ({r['device']}), conv_impl={r['conv_impl']}")
   phases = [p for p in ("train", "eval") if any(k.endswith(f"_{p}_seconds") for k in r)]
@@ -237,8 +265,8 @@ def _print_table(r: dict) -> None:
   for p in phases:
     if f"jax_{p}_flops" in r:
       flops, mfu = r[f"jax_{p}_flops"], r[f"jax_{p}_mfu"]
-      print(f"XLA cost analysis, {p}: {_fmt_rate(flops, 'FLOP')} per call, achieved "
-            f"{_fmt_rate(r[f'jax_{p}_flops_per_sec'])}, MFU "
+      print(f"XLA cost analysis, {p}: {_fmt_flops(flops, 'FLOP')} per call, achieved "
+            f"{_fmt_flops(r[f'jax_{p}_flops_per_sec'])}, MFU "
             + ("n/a (peak unknown for this device)" if mfu is None else f"{100 * mfu:.1f} %"))
 
 

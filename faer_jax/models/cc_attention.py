@@ -24,8 +24,16 @@ Dtype = Any
 
 
 class CCAttention(nn.Module):
+  """CC Attention over the last stage's map; `conv_impl` picks the grouped conv's implementation.
+
+  'auto' (the default) runs the groups-4 conv as four dense convs on CPU and as
+  one grouped conv elsewhere (see layers.GroupedConv); the parameters and the
+  numbers are the same either way.
+  """
+
   dim: int
   dtype: Dtype = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -38,8 +46,7 @@ class CCAttention(nn.Module):
 
     # Named 'depthwise' in the original, but it has 4 groups, not C: its torch
     # weight is (C, C/4, 7, 7).
-    query = nn.Conv(self.dim, (7, 7), padding=((3, 3), (3, 3)), feature_group_count=4, dtype=self.dtype,
-                    kernel_init=layers.kernel_init, bias_init=layers.bias_init, name="depthwise")(x)
+    query = layers.GroupedConv(self.dim, 7, groups=4, impl=self.conv_impl, dtype=self.dtype, name="depthwise")(x)
     # torch.nn.LayerNorm's default eps (1e-5), unlike the backbone's 1e-6.
     query = layers.layer_norm(1e-5, self.dtype, "norm")(layers.gelu(query))
 

@@ -23,22 +23,118 @@ bias_init = nn.initializers.zeros
 
 
 def gelu(x: jax.Array) -> jax.Array:
-  """torch.nn.GELU(): the exact erf form, not the tanh approximation."""
-  return nn.gelu(x, approximate=False)
+  """torch.nn.GELU(): the exact erf form 0.5 x (1 + erf(x / sqrt 2)), not the tanh approximation.
 
-
-def layer_norm(eps: float, dtype: Dtype, name: str | None) -> nn.LayerNorm:
-  """A LayerNorm over the channel (last) axis, computed as torch computes it.
-
-  `use_fast_variance=False` computes the variance as mean((x - mean)^2), as
-  torch does, instead of mean(x^2) - mean^2, which loses digits when the mean
-  is large against the spread.
+  Written out rather than `nn.gelu(approximate=False)`, which JAX computes
+  through erfc: XLA expands erfc with an exp and a select on every element, erf
+  as a plain rational polynomial (the activation is 4C wide, so on CPU this is
+  a few percent of a training step). The erf form is also the one torch uses.
   """
-  return nn.LayerNorm(epsilon=eps, dtype=dtype, use_fast_variance=False, name=name)
+  return 0.5 * x * (1.0 + lax.erf(x * jnp.asarray(2 ** -0.5, x.dtype)))
 
 
-def dense(features: int, dtype: Dtype, name: str) -> nn.Dense:
-  return nn.Dense(features, dtype=dtype, kernel_init=kernel_init, bias_init=bias_init, name=name)
+def layer_norm(eps: float, dtype: Dtype, name: str | None) -> "LayerNorm":
+  """A LayerNorm over the channel (last) axis, computed as torch computes it (see LayerNorm)."""
+  return LayerNorm(epsilon=eps, dtype=dtype, name=name)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm over the last axis; the parameters of nn.LayerNorm ('scale', 'bias').
+
+  The variance is mean((x - mean)^2), as torch computes it, not mean(x^2) -
+  mean^2, which loses digits when the mean is large against the spread.
+  Statistics are computed in float32 (at least), as flax does.
+
+  On CPU the two row sums are matrix-vector products with a ones vector
+  instead of reductions: the same sums in another order, which keeps XLA:CPU's
+  library fusion of reductions (YNNPACK) from pulling the norm, the 49-tap
+  depthwise conv before it and the matmul after it into one call whose inputs
+  XLA then materialises (about 1.5x on the forward of a first-stage ConvNeXt
+  block, 16x56x56x96, on one core). A TPU
+  would run an f32 matrix-vector product at bf16 precision by default, so
+  elsewhere they stay reductions. (A hand-written gradient measured no faster
+  than autodiff's.)
+  """
+
+  epsilon: float = 1e-6
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    if jax.default_backend() == "cpu":
+      ones = jnp.ones((c,), x.dtype)
+      row_mean = lambda v: (v @ ones) / c
+    else:
+      row_mean = lambda v: jnp.mean(v, axis=-1)
+    mean = row_mean(x)
+    centered = x - mean[..., None]
+    mul = lax.rsqrt(row_mean(centered * centered) + self.epsilon)[..., None] * scale
+    return (centered * mul + bias).astype(self.dtype)
+
+
+def dense(features: int, dtype: Dtype, name: str) -> "Dense":
+  """A linear layer over the last axis, with timm's initialisation (see Dense)."""
+  return Dense(features, dtype=dtype, name=name)
+
+
+class Dense(nn.Module):
+  """y = x @ kernel + bias over the last axis: nn.Dense's parameters ('kernel', 'bias') and numbers.
+
+  On CPU the gradient is `dense_fn`'s; elsewhere autodiff's.
+  """
+
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", kernel_init, (x.shape[-1], self.features), jnp.float32)
+    bias = self.param("bias", bias_init, (self.features,), jnp.float32)
+    x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
+    if jax.default_backend() == "cpu":
+      return dense_fn(x, kernel, bias)
+    return x @ kernel + bias
+
+
+@jax.custom_vjp
+def dense_fn(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+  """x @ kernel + bias for x (..., K), with the weight gradient computed on 2-D views.
+
+  Autodiff contracts the leading (N, H, W) axes of the 4-D activations and
+  cotangents at once; XLA:CPU then copied the cotangent into a transposed
+  layout and ran the weight-gradient matmul about 2.5x slower than on the
+  (N*H*W, K) views used here (16x56x56, 96 -> 384: 97 ms + 29 ms of copy
+  against 38 ms, one core). Same sums; the whole training step gains ~5 %.
+  """
+  return x @ kernel + bias
+
+
+def _dense_fwd(x, kernel, bias):
+  return x @ kernel + bias, (x, kernel)
+
+
+def _dense_bwd(residuals, g):
+  x, kernel = residuals
+  k, n = kernel.shape
+  x2, g2 = x.reshape(-1, k), g.reshape(-1, n)
+  # (g^T x)^T rather than x^T g: the same products, ~3 % faster on the whole step.
+  return g @ kernel.T, (g2.T @ x2).T, jnp.sum(g2, axis=0)
+
+
+dense_fn.defvjp(_dense_fwd, _dense_bwd)
+
+
+def _resolve(impl: str, cpu: str, other: str, choices: tuple[str, ...]) -> str:
+  """'auto' -> `cpu` on the CPU backend, `other` elsewhere; anything else must be in `choices`."""
+  if impl == "auto":
+    return cpu if jax.default_backend() == "cpu" else other
+  if impl not in choices:
+    raise ValueError(f"Unknown conv impl {impl!r}; expected 'auto' or one of {choices}.")
+  return impl
 
 
 class DepthwiseConv7x7(nn.Module):
@@ -48,13 +144,14 @@ class DepthwiseConv7x7(nn.Module):
   feature_group_count=C)` uses, so checkpoints do not depend on `impl`:
 
   * 'xla': lax.conv_general_dilated with feature_group_count=C.
-  * 'shift': the sum of 49 shifted, channel-scaled copies of the input, which
-    XLA fuses into a few loops. XLA:CPU's grouped convolution is an order of
-    magnitude slower than this (see issue 5), while GPUs and TPUs have fast
-    native depthwise kernels.
+  * 'shift': `depthwise_conv_shifts`, 49 shifted multiply-adds with a
+    hand-written gradient. XLA:CPU's grouped convolution (and its gradients)
+    is one to two orders of magnitude slower than this (see issue 5 and
+    benchmarks/README.md), while GPUs and TPUs have fast native depthwise
+    kernels.
   * 'auto': 'shift' on CPU, 'xla' elsewhere.
 
-  Both compute the same sum; they differ only in float summation order.
+  Both compute the same sums; they differ only in float summation order.
   """
 
   features: int
@@ -66,22 +163,17 @@ class DepthwiseConv7x7(nn.Module):
     kernel = self.param("kernel", kernel_init, (7, 7, 1, self.features), jnp.float32)
     bias = self.param("bias", bias_init, (self.features,), jnp.float32)
     x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
-    impl = self.impl
-    if impl == "auto":
-      impl = "shift" if jax.default_backend() == "cpu" else "xla"
-    if impl == "xla":
+    if _resolve(self.impl, "shift", "xla", ("xla", "shift")) == "xla":
       y = lax.conv_general_dilated(
           x, kernel, window_strides=(1, 1), padding=((3, 3), (3, 3)),
           dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.features)
-    elif impl == "shift":
-      y = _depthwise_by_shifts(x, kernel[:, :, 0, :])
     else:
-      raise ValueError(f"Unknown depthwise conv impl {self.impl!r}; expected 'auto', 'xla' or 'shift'.")
+      y = depthwise_conv_shifts(x, kernel[:, :, 0, :])
     return y + bias
 
 
-def _depthwise_by_shifts(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """sum_{i,j} pad(x)[:, i:i+H, j:j+W, :] * kernel[i, j, :] (cross-correlation)."""
+def _shifted_sum(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """sum_{i,j} pad(x)[:, i:i+H, j:j+W, :] * kernel[i, j, :]: 'same' cross-correlation, NHWC."""
   kh, kw, _ = kernel.shape
   h, w = x.shape[1], x.shape[2]
   xp = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
@@ -91,6 +183,132 @@ def _depthwise_by_shifts(x: jax.Array, kernel: jax.Array) -> jax.Array:
       term = xp[:, i:i + h, j:j + w, :] * kernel[i, j]
       y = term if y is None else y + term
   return y
+
+
+def _depthwise_kernel_grad(x: jax.Array, g: jax.Array, kh: int, kw: int) -> jax.Array:
+  """d(loss)/d(kernel)[i, j, c] = sum_{n,h,w} pad(x)[n, h+i, w+j, c] * g[n, h, w, c].
+
+  Autodiff of the shifted sum gives 49 separate reductions, each streaming a
+  shifted copy of x and g from memory (or, for lax.conv, a batch-grouped
+  convolution that XLA:CPU expands to a dense one). Here the 49 products feed
+  ONE variadic reduce, so x and g are read once, and with channels major (C, N,
+  H, W) each of its reductions runs over contiguous memory. At 16x56x56x96 on
+  one core: 7-10x faster than autodiff's 49 reductions, 2.5-3x faster than the
+  same variadic reduce with channels minor (the two transposes cost ~10 % of
+  it). Accumulates in float32 whatever the input dtype.
+  """
+  acc = jnp.promote_types(x.dtype, jnp.float32)
+  h, w = g.shape[1], g.shape[2]
+  xt = jnp.pad(x.transpose(3, 0, 1, 2).astype(acc), ((0, 0), (0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2)))
+  gt = g.transpose(3, 0, 1, 2).astype(acc)
+  products = tuple(xt[:, :, i:i + h, j:j + w] * gt for i in range(kh) for j in range(kw))
+  zero = jnp.zeros((), acc)
+  sums = lax.reduce(products, (zero,) * len(products),
+                    lambda a, b: tuple(u + v for u, v in zip(a, b)), dimensions=(1, 2, 3))
+  return jnp.stack(sums).reshape(kh, kw, -1)
+
+
+@jax.custom_vjp
+def depthwise_conv_shifts(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """'Same' depthwise cross-correlation of x (N, H, W, C) with kernel (kh, kw, C), odd sizes.
+
+  Equals lax.conv_general_dilated(x, kernel[:, :, None], (1, 1), 'SAME',
+  feature_group_count=C) up to float summation order, forward and backward.
+  """
+  return _shifted_sum(x, kernel)
+
+
+def _depthwise_fwd(x, kernel):
+  return _shifted_sum(x, kernel), (x, kernel)
+
+
+def _depthwise_bwd(residuals, g):
+  x, kernel = residuals
+  # The input gradient is the same correlation of g with the kernel flipped in
+  # both spatial axes: again 49 fused multiply-adds.
+  dx = _shifted_sum(g, kernel[::-1, ::-1])
+  dkernel = _depthwise_kernel_grad(x, g, kernel.shape[0], kernel.shape[1]).astype(kernel.dtype)
+  return dx, dkernel
+
+
+depthwise_conv_shifts.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
+class GroupedConv(nn.Module):
+  """A k x k 'same' convolution with `groups` groups and bias (NHWC), as nn.Conv stores it.
+
+  Parameters: kernel (k, k, C_in / groups, features), bias (features,), the
+  layout of `nn.Conv(features, (k, k), feature_group_count=groups)`.
+
+  * 'xla': one lax.conv_general_dilated with feature_group_count=groups.
+  * 'split': one dense convolution per group, concatenated. XLA:CPU runs a
+    grouped convolution about 5x slower than the same work as dense ones, and
+    its gradient 6-9x slower (CC Attention's conv at 16x7x7x768); GPUs and
+    TPUs handle groups natively.
+  * 'auto': 'split' on CPU, 'xla' elsewhere.
+  """
+
+  features: int
+  kernel_size: int
+  groups: int
+  impl: str = "auto"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k, g = self.kernel_size, self.groups
+    cin = x.shape[-1]
+    kernel = self.param("kernel", kernel_init, (k, k, cin // g, self.features), jnp.float32)
+    bias = self.param("bias", bias_init, (self.features,), jnp.float32)
+    x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
+    conv = lambda x, kernel, groups: lax.conv_general_dilated(
+        x, kernel, window_strides=(1, 1), padding=((k // 2, k // 2),) * 2,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+    if _resolve(self.impl, "split", "xla", ("xla", "split")) == "xla":
+      y = conv(x, kernel, g)
+    else:
+      xs = jnp.split(x, g, axis=-1)
+      ks = jnp.split(kernel, g, axis=-1)
+      y = jnp.concatenate([conv(xi, ki, 1) for xi, ki in zip(xs, ks)], axis=-1)
+    return y + bias
+
+
+class PatchifyConv(nn.Module):
+  """A k x k convolution with stride k, no padding and bias (NHWC): ConvNeXt's stem and downsampling.
+
+  Parameters as `nn.Conv(features, (k, k), strides=(k, k), padding='VALID')`:
+  kernel (k, k, C_in, features), bias (features,).
+
+  * 'xla': lax.conv_general_dilated.
+  * 'matmul': the input cut into non-overlapping k x k patches (a reshape and
+    one transpose) and one (N*H/k*W/k, k*k*C_in) x (k*k*C_in, features)
+    matmul: the same sums. XLA:CPU (through YNNPACK) runs these strided
+    convolutions at under a tenth of its matmul speed (7 GFLOP/s for the
+    first downsampling at batch 16, one core).
+  * 'auto': 'matmul' on CPU, 'xla' elsewhere.
+  """
+
+  features: int
+  patch: int
+  impl: str = "auto"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k = self.patch
+    n, h, w, c = x.shape
+    kernel = self.param("kernel", kernel_init, (k, k, c, self.features), jnp.float32)
+    bias = self.param("bias", bias_init, (self.features,), jnp.float32)
+    x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
+    if _resolve(self.impl, "matmul", "xla", ("xla", "matmul")) == "xla":
+      y = lax.conv_general_dilated(x, kernel, window_strides=(k, k), padding="VALID",
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    else:
+      h, w = h // k, w // k
+      x = x[:, :h * k, :w * k]  # 'VALID' drops a remainder
+      patches = x.reshape(n, h, k, w, k, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, h, w, k * k * c)
+      y = patches @ kernel.reshape(k * k * c, self.features)
+    return y + bias
 
 
 class DropPath(nn.Module):

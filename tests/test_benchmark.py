@@ -1,0 +1,166 @@
+"""The benchmark CLI, and the CPU implementations of the model's layers against XLA's and flax's own.
+
+Each alternative implementation in faer_jax.models.layers must compute the
+same function as the plain op it replaces, value and gradients, up to float
+summation order: the interop parity tests only check the forward pass of the
+implementation the backend picks.
+"""
+
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from faer_jax import benchmark
+from faer_jax.benchmark import flops
+from faer_jax.models import layers
+
+RTOL = 2e-5  # relative to the largest magnitude; float32 sums of up to a few thousand terms
+
+
+def _assert_close(got, want, rtol=RTOL, what=""):
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  assert got.shape == want.shape, what
+  scale = max(np.max(np.abs(want)), 1e-30)
+  assert np.max(np.abs(got - want)) / scale < rtol, what
+
+
+def _assert_same_function(f, g, args, seed=0):
+  """f and g agree in value and in the gradient of <f(args), random cotangent> w.r.t. every arg."""
+  out_f, vjp_f = jax.vjp(f, *args)
+  out_g, vjp_g = jax.vjp(g, *args)
+  _assert_close(out_f, out_g, what="value")
+  cotangent = jax.random.normal(jax.random.key(seed), out_g.shape, out_g.dtype)
+  for i, (a, b) in enumerate(zip(vjp_f(cotangent), vjp_g(cotangent))):
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    for (path, leaf_a), leaf_b in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)):
+      _assert_close(leaf_a, leaf_b, what=f"gradient of argument {i}{jax.tree_util.keystr(path)}")
+
+
+def _normal(seed, shape, scale=1.0):
+  return scale * jax.random.normal(jax.random.key(seed), shape)
+
+
+# --- Depthwise 7x7 -------------------------------------------------------------
+
+def _grouped_conv(x, kernel, groups, stride=1, padding="SAME"):
+  return lax.conv_general_dilated(x, kernel, (stride, stride), padding,
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+
+
+# Odd sizes, a 3x3 kernel, and a map smaller than the kernel (CC Attention sees 7x7 at 224 px).
+@pytest.mark.parametrize("shape,k", [((2, 9, 11, 24), 7), ((2, 5, 6, 8), 3), ((1, 3, 3, 4), 7)])
+def test_depthwise_shifts_equal_grouped_conv(shape, k):
+  x, kernel = _normal(1, shape), _normal(2, (k, k, shape[-1]), 0.1)
+  _assert_same_function(jax.jit(layers.depthwise_conv_shifts),
+                        lambda x, w: _grouped_conv(x, w[:, :, None, :], shape[-1]), (x, kernel))
+
+
+def test_depthwise_module_impls_agree_with_gradients():
+  x = _normal(1, (2, 9, 11, 24))
+  variables = layers.DepthwiseConv7x7(24, impl="xla").init(jax.random.key(0), x)
+  variables = jax.tree_util.tree_map(lambda p: p + _normal(3, p.shape, 0.1), variables)
+  apply = lambda impl: lambda v, x: layers.DepthwiseConv7x7(24, impl=impl).apply(v, x)
+  _assert_same_function(jax.jit(apply("shift")), apply("xla"), (variables, x))
+
+
+def test_depthwise_bfloat16_kernel_gradient_accumulates_in_float32():
+  x, kernel = _normal(1, (4, 28, 28, 16)), _normal(2, (7, 7, 16), 0.1)
+  grad = lambda x, w: jax.grad(lambda w: jnp.sum(layers.depthwise_conv_shifts(x, w)))(w)
+  got = grad(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16))
+  assert got.dtype == jnp.bfloat16
+  _assert_close(got.astype(jnp.float32), grad(x, kernel), rtol=2e-2)
+
+
+# --- CC Attention's grouped conv, the patchify convs -------------------------------
+
+def _check_module_impls(make, x, seed=3):
+  variables = make("xla").init(jax.random.key(0), x)
+  variables = jax.tree_util.tree_map(lambda p: p + _normal(seed, p.shape, 0.05), variables)
+  alt = [i for i in ("split", "matmul") if i in make.impls][0]
+  _assert_same_function(jax.jit(lambda v, x: make(alt).apply(v, x)), lambda v, x: make("xla").apply(v, x),
+                        (variables, x))
+  return variables
+
+
+def test_grouped_conv_split_equals_grouped_conv():
+  make = lambda impl: layers.GroupedConv(32, 7, groups=4, impl=impl)
+  make.impls = ("split",)
+  variables = _check_module_impls(make, _normal(1, (2, 7, 7, 32)))
+  assert variables["params"]["kernel"].shape == (7, 7, 8, 32)  # nn.Conv's layout
+
+
+def test_grouped_conv_has_nn_conv_parameters():
+  x = jnp.zeros((1, 7, 7, 32))
+  ours = layers.GroupedConv(32, 7, groups=4).init(jax.random.key(0), x)
+  theirs = nn.Conv(32, (7, 7), feature_group_count=4).init(jax.random.key(0), x)
+  assert jax.tree_util.tree_map(jnp.shape, ours) == jax.tree_util.tree_map(jnp.shape, theirs)
+
+
+# The stem (4x4 on RGB) and a downsampling whose input does not divide by 2 ('VALID' drops the rest).
+@pytest.mark.parametrize("shape,k", [((2, 16, 16, 3), 4), ((1, 9, 7, 8), 2)])
+def test_patchify_matmul_equals_strided_conv(shape, k):
+  make = lambda impl: layers.PatchifyConv(24, k, impl=impl)
+  make.impls = ("matmul",)
+  variables = _check_module_impls(make, _normal(1, shape))
+  x = _normal(4, shape)
+  want = _grouped_conv(x, variables["params"]["kernel"], 1, stride=k, padding="VALID") + variables["params"]["bias"]
+  _assert_close(make("matmul").apply(variables, x), want)
+
+
+# --- LayerNorm, Dense and GELU -------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(2, 5, 7, 48), (3, 768)])
+def test_layer_norm_equals_flax(shape):
+  x = _normal(1, shape, 3.0) + 5.0  # a mean large against the spread
+  ours, theirs = layers.LayerNorm(epsilon=1e-6), nn.LayerNorm(epsilon=1e-6, use_fast_variance=False)
+  variables = theirs.init(jax.random.key(0), x)
+  assert jax.tree_util.tree_map(jnp.shape, ours.init(jax.random.key(0), x)) == \
+      jax.tree_util.tree_map(jnp.shape, variables)
+  variables = jax.tree_util.tree_map(lambda p: p + _normal(2, p.shape, 0.1), variables)
+  _assert_same_function(jax.jit(ours.apply), theirs.apply, (variables, x))
+
+
+def test_dense_equals_flax():
+  x = _normal(1, (2, 5, 7, 48))
+  variables = nn.Dense(32).init(jax.random.key(0), x)
+  variables = jax.tree_util.tree_map(lambda p: p + _normal(2, p.shape, 0.1), variables)
+  _assert_same_function(jax.jit(layers.Dense(32).apply), nn.Dense(32).apply, (variables, x))
+
+
+def test_gelu_equals_exact_gelu():
+  x = jnp.linspace(-8.0, 8.0, 4001)
+  _assert_same_function(jax.jit(layers.gelu), lambda x: nn.gelu(x, approximate=False), (x,))
+
+
+# --- The CLI ---------------------------------------------------------------------
+
+def test_train_cli_runs_both_frameworks(capsys):
+  assert benchmark.main(["train", "--variant", "test", "--batch-size", "2", "--image-size", "32",
+                         "--framework", "both", "--steps", "1", "--json"]) == 0
+  result = json.loads(capsys.readouterr().out)
+  for key in ("jax_train_images_per_sec", "jax_eval_images_per_sec", "torch_train_images_per_sec",
+              "torch_eval_images_per_sec", "train_speedup", "eval_speedup", "jax_train_flops",
+              "jax_eval_flops", "jax_train_flops_per_sec"):
+    assert result[key] > 0, key
+  assert result["peak_flops_per_sec"] is None and result["jax_train_mfu"] is None  # CPU: no known peak
+
+
+def test_input_subcommand_is_dispatched(monkeypatch):
+  from faer_jax.data import input_benchmark
+  seen = []
+  monkeypatch.setattr(input_benchmark, "main", lambda argv: seen.append(argv) or 0)
+  assert benchmark.main(["input", "--batch-size", "8"]) == 0
+  assert seen == [["--batch-size", "8"]]
+
+
+def test_peak_table():
+  assert flops.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
+  assert flops.peak_flops("NVIDIA H200", "float32") == 67e12
+  assert flops.peak_flops("TPU v5 lite", "bfloat16") == 197e12
+  assert flops.peak_flops("TPU v4", "float32") is None
+  assert flops.peak_flops("cpu", "float32") is None
