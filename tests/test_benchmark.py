@@ -47,8 +47,8 @@ def _normal(seed, shape, scale=1.0):
 
 # --- Depthwise 7x7 -------------------------------------------------------------
 
-def _grouped_conv(x, kernel, groups, stride=1, padding="SAME"):
-  return lax.conv_general_dilated(x, kernel, (stride, stride), padding,
+def _grouped_conv(x, kernel, groups):
+  return lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
                                   dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
 
 
@@ -76,22 +76,15 @@ def test_depthwise_bfloat16_kernel_gradient_accumulates_in_float32():
   _assert_close(got.astype(jnp.float32), grad(x, kernel), rtol=2e-2)
 
 
-# --- CC Attention's grouped conv, the patchify convs -------------------------------
-
-def _check_module_impls(make, x, seed=3):
-  variables = make("xla").init(jax.random.key(0), x)
-  variables = jax.tree_util.tree_map(lambda p: p + _normal(seed, p.shape, 0.05), variables)
-  alt = [i for i in ("split", "matmul") if i in make.impls][0]
-  _assert_same_function(jax.jit(lambda v, x: make(alt).apply(v, x)), lambda v, x: make("xla").apply(v, x),
-                        (variables, x))
-  return variables
-
+# --- CC Attention's grouped conv ---------------------------------------------------
 
 def test_grouped_conv_split_equals_grouped_conv():
   make = lambda impl: layers.GroupedConv(32, 7, groups=4, impl=impl)
-  make.impls = ("split",)
-  variables = _check_module_impls(make, _normal(1, (2, 7, 7, 32)))
+  x = _normal(1, (2, 7, 7, 32))
+  variables = make("xla").init(jax.random.key(0), x)
   assert variables["params"]["kernel"].shape == (7, 7, 8, 32)  # nn.Conv's layout
+  variables = jax.tree_util.tree_map(lambda p: p + _normal(3, p.shape, 0.05), variables)
+  _assert_same_function(jax.jit(make("split").apply), make("xla").apply, (variables, x))
 
 
 def test_grouped_conv_has_nn_conv_parameters():
@@ -101,18 +94,7 @@ def test_grouped_conv_has_nn_conv_parameters():
   assert jax.tree_util.tree_map(jnp.shape, ours) == jax.tree_util.tree_map(jnp.shape, theirs)
 
 
-# The stem (4x4 on RGB) and a downsampling whose input does not divide by 2 ('VALID' drops the rest).
-@pytest.mark.parametrize("shape,k", [((2, 16, 16, 3), 4), ((1, 9, 7, 8), 2)])
-def test_patchify_matmul_equals_strided_conv(shape, k):
-  make = lambda impl: layers.PatchifyConv(24, k, impl=impl)
-  make.impls = ("matmul",)
-  variables = _check_module_impls(make, _normal(1, shape))
-  x = _normal(4, shape)
-  want = _grouped_conv(x, variables["params"]["kernel"], 1, stride=k, padding="VALID") + variables["params"]["bias"]
-  _assert_close(make("matmul").apply(variables, x), want)
-
-
-# --- LayerNorm, Dense and GELU -------------------------------------------------
+# --- LayerNorm and GELU ---------------------------------------------------------
 
 @pytest.mark.parametrize("shape", [(2, 5, 7, 48), (3, 768)])
 def test_layer_norm_equals_flax(shape):
@@ -123,13 +105,6 @@ def test_layer_norm_equals_flax(shape):
       jax.tree_util.tree_map(jnp.shape, variables)
   variables = jax.tree_util.tree_map(lambda p: p + _normal(2, p.shape, 0.1), variables)
   _assert_same_function(jax.jit(ours.apply), theirs.apply, (variables, x))
-
-
-def test_dense_equals_flax():
-  x = _normal(1, (2, 5, 7, 48))
-  variables = nn.Dense(32).init(jax.random.key(0), x)
-  variables = jax.tree_util.tree_map(lambda p: p + _normal(2, p.shape, 0.1), variables)
-  _assert_same_function(jax.jit(layers.Dense(32).apply), nn.Dense(32).apply, (variables, x))
 
 
 def test_gelu_equals_exact_gelu():
@@ -164,3 +139,27 @@ def test_peak_table():
   assert flops.peak_flops("TPU v5 lite", "bfloat16") == 197e12
   assert flops.peak_flops("TPU v4", "float32") is None
   assert flops.peak_flops("cpu", "float32") is None
+
+
+def test_gemm_lists_the_matrix_products_of_a_compiled_program():
+  from faer_jax.benchmark import gemm
+
+  def fn(x, w, a, b):
+    y = x @ w  # (12, 5) @ (5, 3)
+    return y, jnp.einsum("bij,bjk->bik", a, b)  # 4 x (6, 2) @ (2, 7): counted as (24, 2) @ (2, 7)
+
+  args = (jnp.ones((12, 5)), jnp.ones((5, 3)), jnp.ones((4, 6, 2)), jnp.ones((4, 2, 7)))
+  gemms, conv_flops = gemm.products(jax.jit(fn).lower(*args).compile().as_text())
+  assert gemms == {(12, 5, 3): 1, (24, 2, 7): 1}
+  assert conv_flops == 0
+  conv = lambda x, k: lax.conv_general_dilated(x, k, (2, 2), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  _, conv_flops = gemm.products(jax.jit(conv).lower(jnp.ones((2, 8, 8, 3)), jnp.ones((2, 2, 3, 5))).compile().as_text())
+  assert conv_flops == 2 * (2 * 4 * 4 * 5) * (2 * 2 * 3)
+
+
+def test_gemm_cli_times_both_frameworks(capsys):
+  assert benchmark.main(["gemm", "--variant", "test", "--batch-size", "2", "--image-size", "32", "--steps", "1",
+                         "--json"]) == 0
+  result = json.loads(capsys.readouterr().out)
+  assert result["gemm_flops"] > 0 and result["jax_gemm_seconds"] > 0 and result["torch_gemm_seconds"] > 0
+  assert sum(g["count"] for g in result["gemms"]) >= 2 * 4  # at least the blocks' two pointwise convs

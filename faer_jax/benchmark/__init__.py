@@ -1,4 +1,4 @@
-"""python -m faer_jax.benchmark {train,layers,input}: how fast FAER runs, in JAX and next to PyTorch.
+"""python -m faer_jax.benchmark {train,layers,gemm,input}: how fast FAER runs, in JAX and next to PyTorch.
 
   train  --variant tiny --batch-size 16 --image-size 224 [--steps 3] [--framework jax|torch|both]
          [--dtype float32|bfloat16] [--threads 2] [--conv-impl auto] [--json]
@@ -9,9 +9,12 @@
          both. Prints images/s, the JAX/PyTorch ratio, XLA's FLOP count and the
          achieved FLOP/s (and MFU where the chip's peak is known).
   layers --variant tiny --batch-size 16 [--threads 1 --clock cpu]
-         Each implementation of the model's convolutions (depthwise 7x7, CC
-         Attention's grouped 7x7, the patchify stem and downsampling), forward
-         and forward + backward, next to torch.nn.Conv2d.
+         Each implementation of the model's grouped convolutions (the
+         depthwise 7x7s, CC Attention's 7x7 with 4 groups), forward and
+         forward + backward, next to torch.nn.Conv2d.
+  gemm   --variant tiny --batch-size 16 [--phase eval|train] [--threads 2]
+         The matrix products of the compiled step, each timed alone in JAX
+         and in torch: the floor under the step's time in either framework.
   input  ...   The input pipeline's throughput (faer_jax.data.input_benchmark).
 
 This module imports neither jax nor torch: `--threads` has to act before either
@@ -31,6 +34,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   if argv and argv[0] == "train":
     from faer_jax.benchmark import train  # pylint: disable=g-import-not-at-top
     return train.main(argv[1:])
+  if argv and argv[0] == "gemm":
+    from faer_jax.benchmark import gemm  # pylint: disable=g-import-not-at-top
+    return gemm.main(argv[1:])
   if argv and argv[0] == "layers":
     from faer_jax.benchmark import layers  # pylint: disable=g-import-not-at-top
     return layers.main(argv[1:])

@@ -1,14 +1,15 @@
-"""`python -m faer_jax.benchmark layers`: the model's convolutions, each implementation next to PyTorch.
+"""`python -m faer_jax.benchmark layers`: the model's grouped convolutions, per implementation, next to PyTorch.
 
   python -m faer_jax.benchmark layers --variant tiny --batch-size 16 --image-size 224 \
       [--threads 1 --clock cpu] [--steps 3] [--json]
 
-For every convolution FAER runs, at the shapes a `--variant` model sees at
-`--image-size`, times the forward and the forward + backward (gradients of the
-input and the parameters) of each implementation in faer_jax.models.layers and
-of the same torch.nn.Conv2d (NCHW, as the original runs it), round after
-round, alternating. These are the measurements behind the choices of
-`conv_impl='auto'` on CPU (benchmarks/README.md).
+For every grouped convolution FAER runs (the blocks' 7x7 depthwise convs and
+CC Attention's 7x7 conv with 4 groups), at the shapes a `--variant` model sees
+at `--image-size`, times the forward and the forward + backward (gradients of
+the input and the parameters) of each implementation in
+faer_jax.models.layers and of the same torch.nn.Conv2d (NCHW, as the original
+runs it), round after round, alternating. These are the measurements behind
+the choices of `conv_impl='auto'` on CPU (benchmarks/README.md).
 """
 
 import argparse
@@ -18,12 +19,10 @@ import sys
 import time
 from typing import Sequence
 
-import numpy as np
-
 from faer_jax.benchmark import threads
 
 # The implementations of each kind of convolution in faer_jax.models.layers.
-_IMPLS = {"depthwise": ("xla", "shift"), "grouped": ("xla", "split"), "patchify": ("xla", "matmul")}
+_IMPLS = {"depthwise": ("xla", "shift", "kernel"), "grouped": ("xla", "split")}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,21 +34,18 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--steps", type=int, default=3, help="Rounds; the median is reported.")
   p.add_argument("--threads", type=int, default=None)
   p.add_argument("--clock", choices=("wall", "cpu"), default="wall")
-  p.add_argument("--only", default="", help="Comma-separated subset of: depthwise, grouped, patchify.")
+  p.add_argument("--only", default="", help="Comma-separated subset of: depthwise, grouped.")
   p.add_argument("--json", action="store_true")
   return p
 
 
 def _cases(variant: str, batch: int, size: int) -> list[tuple[str, str, tuple[int, ...], dict]]:
-  """(kind, label, NHWC input shape, module kwargs) for every distinct conv of the model."""
+  """(kind, label, NHWC input shape, module kwargs) for every grouped conv of the model."""
   from faer_jax.models import get_variant  # pylint: disable=g-import-not-at-top
   dims = get_variant(variant).dims
-  cases = [("patchify", "stem 4x4/4", (batch, size, size, 3), dict(features=dims[0], patch=4))]
+  cases = []
   for i, dim in enumerate(dims):
     side = size // (4 * 2 ** i)
-    if i > 0:
-      cases.append(("patchify", f"downsample {i} 2x2/2", (batch, 2 * side, 2 * side, dims[i - 1]),
-                    dict(features=dim, patch=2)))
     cases.append(("depthwise", f"stage {i} 7x7 dw", (batch, side, side, dim), dict(features=dim)))
   side = size // 32
   cases.append(("grouped", "CC Attention 7x7 g4", (batch, side, side, dims[-1]),
@@ -62,8 +58,7 @@ def _jax_fns(kind: str, impl: str, shape: tuple[int, ...], kwargs: dict):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
   from faer_jax.models import layers  # pylint: disable=g-import-not-at-top
-  module = {"depthwise": layers.DepthwiseConv7x7, "grouped": layers.GroupedConv,
-            "patchify": layers.PatchifyConv}[kind](impl=impl, **kwargs)
+  module = {"depthwise": layers.DepthwiseConv7x7, "grouped": layers.GroupedConv}[kind](impl=impl, **kwargs)
   x = jax.random.normal(jax.random.key(0), shape)
   variables = module.init(jax.random.key(1), x[:1])
   forward = jax.jit(module.apply)
@@ -75,12 +70,8 @@ def _jax_fns(kind: str, impl: str, shape: tuple[int, ...], kwargs: dict):
 def _torch_fns(kind: str, shape: tuple[int, ...], kwargs: dict):
   import torch  # pylint: disable=g-import-not-at-top
   n, h, w, c = shape
-  if kind == "depthwise":
-    conv = torch.nn.Conv2d(c, c, 7, padding=3, groups=c)
-  elif kind == "grouped":
-    conv = torch.nn.Conv2d(c, kwargs["features"], 7, padding=3, groups=kwargs["groups"])
-  else:
-    conv = torch.nn.Conv2d(c, kwargs["features"], kwargs["patch"], stride=kwargs["patch"])
+  groups = c if kind == "depthwise" else kwargs["groups"]
+  conv = torch.nn.Conv2d(c, kwargs["features"], 7, padding=3, groups=groups)
   x = torch.randn(n, c, h, w, requires_grad=True)
 
   def forward():
@@ -105,7 +96,9 @@ def run(args: argparse.Namespace) -> list[dict]:
   for kind, label, shape, kwargs in _cases(args.variant, args.batch_size, args.image_size):
     if only and kind not in only:
       continue
-    fns = {impl: _jax_fns(kind, impl, shape, kwargs) for impl in _IMPLS[kind]}
+    from faer_jax import kernels  # pylint: disable=g-import-not-at-top
+    impls = [i for i in _IMPLS[kind] if i != "kernel" or kernels.available()]
+    fns = {impl: _jax_fns(kind, impl, shape, kwargs) for impl in impls}
     fns["torch"] = _torch_fns(kind, shape, kwargs)
     times = {(name, phase): [] for name in fns for phase in ("forward", "forward+backward")}
     for round_ in range(args.steps + 1):  # the first round warms up (and compiles)

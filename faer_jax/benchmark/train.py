@@ -45,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
                  help="Compute dtype (parameters stay float32; torch uses autocast).")
   p.add_argument("--threads", type=int, default=None, help="CPU threads for both (default: all allowed).")
   p.add_argument("--conv-impl", default="auto",
-                 help="Flax depthwise/grouped conv implementation (see faer_jax.models.layers).")
+                 help="auto | xla | shift | kernel: the Flax model's conv implementations "
+                      "(faer_jax.models.create_model).")
   p.add_argument("--compiler-option", action="append", default=[], metavar="KEY=VALUE",
                  help="An XLA option for the JAX programs, e.g. xla_cpu_use_xnnpack=false (repeatable).")
   p.add_argument("--clock", choices=("wall", "cpu"), default="wall",

@@ -64,8 +64,8 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     shortcut = x
-    x = layers.DepthwiseConv7x7(self.dim, impl=self.conv_impl, dtype=self.dtype, name="dwconv")(x)
-    x = layers.layer_norm(1e-6, self.dtype, "norm")(x)
+    norm = layers.layer_norm(1e-6, self.dtype, "norm")
+    x = layers.DepthwiseConv7x7(self.dim, impl=self.conv_impl, dtype=self.dtype, name="dwconv")(x, norm)
     x = layers.dense(4 * self.dim, self.dtype, "pwconv1")(x)
     x = layers.gelu(x)
     x = layers.dense(self.dim, self.dtype, "pwconv2")(x)

@@ -11,6 +11,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from faer_jax import kernels
+from faer_jax.kernels import depthwise as kernel_depthwise
+
 Dtype = Any
 
 # timm's `trunc_normal_(w, std=.02)`, which ConvNeXt and FAER call on every conv
@@ -60,10 +63,13 @@ class LayerNorm(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, *, params_only: bool = False):
+    """The normalised x; with `params_only`, just (scale, bias) for x's channels (see DepthwiseConv7x7)."""
     c = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    if params_only:
+      return scale, bias
     x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     if jax.default_backend() == "cpu":
       ones = jnp.ones((c,), x.dtype)
@@ -76,56 +82,11 @@ class LayerNorm(nn.Module):
     return (centered * mul + bias).astype(self.dtype)
 
 
-def dense(features: int, dtype: Dtype, name: str) -> "Dense":
-  """A linear layer over the last axis, with timm's initialisation (see Dense)."""
-  return Dense(features, dtype=dtype, name=name)
-
-
-class Dense(nn.Module):
-  """y = x @ kernel + bias over the last axis: nn.Dense's parameters ('kernel', 'bias') and numbers.
-
-  On CPU the gradient is `dense_fn`'s; elsewhere autodiff's.
-  """
-
-  features: int
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param("kernel", kernel_init, (x.shape[-1], self.features), jnp.float32)
-    bias = self.param("bias", bias_init, (self.features,), jnp.float32)
-    x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
-    if jax.default_backend() == "cpu":
-      return dense_fn(x, kernel, bias)
-    return x @ kernel + bias
-
-
-@jax.custom_vjp
-def dense_fn(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-  """x @ kernel + bias for x (..., K), with the weight gradient computed on 2-D views.
-
-  Autodiff contracts the leading (N, H, W) axes of the 4-D activations and
-  cotangents at once; XLA:CPU then copied the cotangent into a transposed
-  layout and ran the weight-gradient matmul about 2.5x slower than on the
-  (N*H*W, K) views used here (16x56x56, 96 -> 384: 97 ms + 29 ms of copy
-  against 38 ms, one core). Same sums; the whole training step gains ~5 %.
-  """
-  return x @ kernel + bias
-
-
-def _dense_fwd(x, kernel, bias):
-  return x @ kernel + bias, (x, kernel)
-
-
-def _dense_bwd(residuals, g):
-  x, kernel = residuals
-  k, n = kernel.shape
-  x2, g2 = x.reshape(-1, k), g.reshape(-1, n)
-  # (g^T x)^T rather than x^T g: the same products, ~3 % faster on the whole step.
-  return g @ kernel.T, (g2.T @ x2).T, jnp.sum(g2, axis=0)
-
-
-dense_fn.defvjp(_dense_fwd, _dense_bwd)
+def dense(features: int, dtype: Dtype, name: str) -> nn.Dense:
+  # A hand-written gradient taking the weight gradient on 2-D (N*H*W, C) views
+  # halved that matmul's time in a single ConvNeXt block's backward on CPU, but
+  # measured no faster on the whole training step, so autodiff's it is.
+  return nn.Dense(features, dtype=dtype, kernel_init=kernel_init, bias_init=bias_init, name=name)
 
 
 def _resolve(impl: str, cpu: str, other: str, choices: tuple[str, ...]) -> str:
@@ -145,13 +106,18 @@ class DepthwiseConv7x7(nn.Module):
 
   * 'xla': lax.conv_general_dilated with feature_group_count=C.
   * 'shift': `depthwise_conv_shifts`, 49 shifted multiply-adds with a
-    hand-written gradient. XLA:CPU's grouped convolution (and its gradients)
-    is one to two orders of magnitude slower than this (see issue 5 and
-    benchmarks/README.md), while GPUs and TPUs have fast native depthwise
-    kernels.
-  * 'auto': 'shift' on CPU, 'xla' elsewhere.
+    hand-written gradient, in pure XLA.
+  * 'kernel': the C++ kernels of faer_jax.kernels (XLA:CPU, float32 only),
+    built at first use; forward and both gradients read each input once and
+    skip the zero padding, and the LayerNorm that follows in a ConvNeXt block
+    is fused in (see __call__).
+  * 'auto': 'kernel' on CPU in float32 where the kernels build, else 'shift'
+    on CPU; 'xla' on GPU and TPU, which have fast native depthwise kernels.
 
-  Both compute the same sums; they differ only in float summation order.
+  XLA:CPU's grouped convolution runs a depthwise conv as a dense one, one to
+  two orders of magnitude slower than 'shift', which is itself 2-6x slower
+  than 'kernel' (issue 5, benchmarks/README.md). All compute the same sums;
+  they differ only in float summation order.
   """
 
   features: int
@@ -159,17 +125,33 @@ class DepthwiseConv7x7(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, norm: "LayerNorm | None" = None) -> jax.Array:
+    """The convolution of x; with `norm` (a LayerNorm of the caller's), norm(conv(x)).
+
+    With 'kernel', conv and norm run as one fused kernel (the norm's parameters
+    stay the norm module's); otherwise norm is applied to the conv's output.
+    """
     kernel = self.param("kernel", kernel_init, (7, 7, 1, self.features), jnp.float32)
     bias = self.param("bias", bias_init, (self.features,), jnp.float32)
     x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
-    if _resolve(self.impl, "shift", "xla", ("xla", "shift")) == "xla":
+    impl = _resolve(self.impl, "kernel", "xla", ("xla", "shift", "kernel"))
+    if impl == "kernel" and (x.dtype != jnp.float32 or not kernels.available()):
+      if self.impl != "auto":
+        raise ValueError(f"conv impl 'kernel' needs float32 and the CPU kernels (got {x.dtype}; "
+                         f"available: {kernels.available()}).")
+      impl = "shift"
+    if norm is not None and impl == "kernel" and norm.dtype == jnp.float32:
+      scale, shift = norm(x, params_only=True)
+      return kernel_depthwise.depthwise_conv7x7_norm(x, kernel[:, :, 0, :], bias, scale, shift, norm.epsilon)
+    if impl == "xla":
       y = lax.conv_general_dilated(
           x, kernel, window_strides=(1, 1), padding=((3, 3), (3, 3)),
           dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.features)
+    elif impl == "kernel":
+      y = kernel_depthwise.depthwise_conv7x7(x, kernel[:, :, 0, :])
     else:
       y = depthwise_conv_shifts(x, kernel[:, :, 0, :])
-    return y + bias
+    return y + bias if norm is None else norm(y + bias)
 
 
 def _shifted_sum(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -264,50 +246,13 @@ class GroupedConv(nn.Module):
     conv = lambda x, kernel, groups: lax.conv_general_dilated(
         x, kernel, window_strides=(1, 1), padding=((k // 2, k // 2),) * 2,
         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
-    if _resolve(self.impl, "split", "xla", ("xla", "split")) == "xla":
+    # The model's conv_impl values 'shift' and 'kernel' name the depthwise conv; here both mean 'split'.
+    if _resolve(self.impl, "split", "xla", ("xla", "split", "shift", "kernel")) == "xla":
       y = conv(x, kernel, g)
     else:
       xs = jnp.split(x, g, axis=-1)
       ks = jnp.split(kernel, g, axis=-1)
       y = jnp.concatenate([conv(xi, ki, 1) for xi, ki in zip(xs, ks)], axis=-1)
-    return y + bias
-
-
-class PatchifyConv(nn.Module):
-  """A k x k convolution with stride k, no padding and bias (NHWC): ConvNeXt's stem and downsampling.
-
-  Parameters as `nn.Conv(features, (k, k), strides=(k, k), padding='VALID')`:
-  kernel (k, k, C_in, features), bias (features,).
-
-  * 'xla': lax.conv_general_dilated.
-  * 'matmul': the input cut into non-overlapping k x k patches (a reshape and
-    one transpose) and one (N*H/k*W/k, k*k*C_in) x (k*k*C_in, features)
-    matmul: the same sums. XLA:CPU (through YNNPACK) runs these strided
-    convolutions at under a tenth of its matmul speed (7 GFLOP/s for the
-    first downsampling at batch 16, one core).
-  * 'auto': 'matmul' on CPU, 'xla' elsewhere.
-  """
-
-  features: int
-  patch: int
-  impl: str = "auto"
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    k = self.patch
-    n, h, w, c = x.shape
-    kernel = self.param("kernel", kernel_init, (k, k, c, self.features), jnp.float32)
-    bias = self.param("bias", bias_init, (self.features,), jnp.float32)
-    x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
-    if _resolve(self.impl, "matmul", "xla", ("xla", "matmul")) == "xla":
-      y = lax.conv_general_dilated(x, kernel, window_strides=(k, k), padding="VALID",
-                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    else:
-      h, w = h // k, w // k
-      x = x[:, :h * k, :w * k]  # 'VALID' drops a remainder
-      patches = x.reshape(n, h, k, w, k, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, h, w, k * k * c)
-      y = patches @ kernel.reshape(k * k * c, self.features)
     return y + bias
 
 

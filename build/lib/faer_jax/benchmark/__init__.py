@@ -1,0 +1,44 @@
+"""python -m faer_jax.benchmark {train,layers,gemm,input}: how fast FAER runs, in JAX and next to PyTorch.
+
+  train  --variant tiny --batch-size 16 --image-size 224 [--steps 3] [--framework jax|torch|both]
+         [--dtype float32|bfloat16] [--threads 2] [--conv-impl auto] [--json]
+         Times the compiled training step (forward, cross-entropy on random
+         labels, gradients, AdamW update, state donated) and the eval forward of
+         the Flax FAER; with `torch`/`both` also the PyTorch reference on the same
+         shapes, interleaved with the JAX measurements so that machine noise hits
+         both. Prints images/s, the JAX/PyTorch ratio, XLA's FLOP count and the
+         achieved FLOP/s (and MFU where the chip's peak is known).
+  layers --variant tiny --batch-size 16 [--threads 1 --clock cpu]
+         Each implementation of the model's grouped convolutions (the
+         depthwise 7x7s, CC Attention's 7x7 with 4 groups), forward and
+         forward + backward, next to torch.nn.Conv2d.
+  gemm   --variant tiny --batch-size 16 [--phase eval|train] [--threads 2]
+         The matrix products of the compiled step, each timed alone in JAX
+         and in torch: the floor under the step's time in either framework.
+  input  ...   The input pipeline's throughput (faer_jax.data.input_benchmark).
+
+This module imports neither jax nor torch: `--threads` has to act before either
+starts its thread pools (see `threads.limit_threads`).
+"""
+
+import sys
+from typing import Sequence
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if argv and argv[0] == "input":
+    # Owned by the data pipeline; imported lazily so `train` never pays for grain.
+    from faer_jax.data import input_benchmark  # pylint: disable=g-import-not-at-top
+    return input_benchmark.main(argv[1:])
+  if argv and argv[0] == "train":
+    from faer_jax.benchmark import train  # pylint: disable=g-import-not-at-top
+    return train.main(argv[1:])
+  if argv and argv[0] == "gemm":
+    from faer_jax.benchmark import gemm  # pylint: disable=g-import-not-at-top
+    return gemm.main(argv[1:])
+  if argv and argv[0] == "layers":
+    from faer_jax.benchmark import layers  # pylint: disable=g-import-not-at-top
+    return layers.main(argv[1:])
+  print(__doc__, file=sys.stderr)
+  return 0 if argv and argv[0] in ("-h", "--help") else 2

@@ -1,0 +1,145 @@
+"""`python -m faer_jax.benchmark layers`: the model's grouped convolutions, per implementation, next to PyTorch.
+
+  python -m faer_jax.benchmark layers --variant tiny --batch-size 16 --image-size 224 \
+      [--threads 1 --clock cpu] [--steps 3] [--json]
+
+For every grouped convolution FAER runs (the blocks' 7x7 depthwise convs and
+CC Attention's 7x7 conv with 4 groups), at the shapes a `--variant` model sees
+at `--image-size`, times the forward and the forward + backward (gradients of
+the input and the parameters) of each implementation in
+faer_jax.models.layers and of the same torch.nn.Conv2d (NCHW, as the original
+runs it), round after round, alternating. These are the measurements behind
+the choices of `conv_impl='auto'` on CPU (benchmarks/README.md).
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from typing import Sequence
+
+from faer_jax.benchmark import threads
+
+# The implementations of each kind of convolution in faer_jax.models.layers.
+_IMPLS = {"depthwise": ("xla", "shift", "kernel"), "grouped": ("xla", "split")}
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m faer_jax.benchmark layers", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--variant", default="tiny")
+  p.add_argument("--batch-size", type=int, default=16)
+  p.add_argument("--image-size", type=int, default=224)
+  p.add_argument("--steps", type=int, default=3, help="Rounds; the median is reported.")
+  p.add_argument("--threads", type=int, default=None)
+  p.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+  p.add_argument("--only", default="", help="Comma-separated subset of: depthwise, grouped.")
+  p.add_argument("--json", action="store_true")
+  return p
+
+
+def _cases(variant: str, batch: int, size: int) -> list[tuple[str, str, tuple[int, ...], dict]]:
+  """(kind, label, NHWC input shape, module kwargs) for every grouped conv of the model."""
+  from faer_jax.models import get_variant  # pylint: disable=g-import-not-at-top
+  dims = get_variant(variant).dims
+  cases = []
+  for i, dim in enumerate(dims):
+    side = size // (4 * 2 ** i)
+    cases.append(("depthwise", f"stage {i} 7x7 dw", (batch, side, side, dim), dict(features=dim)))
+  side = size // 32
+  cases.append(("grouped", "CC Attention 7x7 g4", (batch, side, side, dims[-1]),
+                dict(features=dims[-1], kernel_size=7, groups=4)))
+  return cases
+
+
+def _jax_fns(kind: str, impl: str, shape: tuple[int, ...], kwargs: dict):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  from faer_jax.models import layers  # pylint: disable=g-import-not-at-top
+  module = {"depthwise": layers.DepthwiseConv7x7, "grouped": layers.GroupedConv}[kind](impl=impl, **kwargs)
+  x = jax.random.normal(jax.random.key(0), shape)
+  variables = module.init(jax.random.key(1), x[:1])
+  forward = jax.jit(module.apply)
+  grads = jax.jit(jax.grad(lambda v, x: jnp.sum(module.apply(v, x) ** 2), argnums=(0, 1)))
+  return (lambda: jax.block_until_ready(forward(variables, x)),
+          lambda: jax.block_until_ready(grads(variables, x)))
+
+
+def _torch_fns(kind: str, shape: tuple[int, ...], kwargs: dict):
+  import torch  # pylint: disable=g-import-not-at-top
+  n, h, w, c = shape
+  groups = c if kind == "depthwise" else kwargs["groups"]
+  conv = torch.nn.Conv2d(c, kwargs["features"], 7, padding=3, groups=groups)
+  x = torch.randn(n, c, h, w, requires_grad=True)
+
+  def forward():
+    with torch.no_grad():
+      conv(x)
+
+  def backward():
+    conv.zero_grad(set_to_none=True)
+    x.grad = None
+    (conv(x) ** 2).sum().backward()
+
+  return forward, backward
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+  applied = threads.limit_threads(args.threads)
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(applied["threads"])
+  clock = time.process_time if args.clock == "cpu" else time.perf_counter
+  only = set(filter(None, args.only.split(",")))
+  rows = []
+  for kind, label, shape, kwargs in _cases(args.variant, args.batch_size, args.image_size):
+    if only and kind not in only:
+      continue
+    from faer_jax import kernels  # pylint: disable=g-import-not-at-top
+    impls = [i for i in _IMPLS[kind] if i != "kernel" or kernels.available()]
+    fns = {impl: _jax_fns(kind, impl, shape, kwargs) for impl in impls}
+    fns["torch"] = _torch_fns(kind, shape, kwargs)
+    times = {(name, phase): [] for name in fns for phase in ("forward", "forward+backward")}
+    for round_ in range(args.steps + 1):  # the first round warms up (and compiles)
+      for name, (forward, backward) in fns.items():
+        for phase, fn in (("forward", forward), ("forward+backward", backward)):
+          start = clock()
+          fn()
+          if round_:
+            times[(name, phase)].append(clock() - start)
+    for (name, phase), seconds in times.items():
+      rows.append({"layer": label, "shape": list(shape), "impl": name, "phase": phase,
+                   "seconds": statistics.median(seconds)})
+  return rows
+
+
+def _print_table(rows: Sequence[dict]) -> None:
+  torch_s = {(r["layer"], r["phase"]): r["seconds"] for r in rows if r["impl"] == "torch"}
+  # "vs torch": torch's time over this one's, so above 1 is faster than PyTorch.
+  print(f"{'layer':22s} {'input NHWC':20s} {'impl':7s} {'forward ms':>11s} {'vs torch':>8s} "
+        f"{'fwd+bwd ms':>11s} {'vs torch':>8s}")
+  by_key: dict = {}
+  for r in rows:
+    by_key.setdefault((r["layer"], r["impl"]), {})[r["phase"]] = r
+  for (layer, impl), phases in by_key.items():
+    cells = []
+    for phase in ("forward", "forward+backward"):
+      s = phases[phase]["seconds"]
+      cells.append(f"{1e3 * s:11.2f} {torch_s[(layer, phase)] / s:7.2f}x")
+    shape = "x".join(map(str, phases["forward"]["shape"]))
+    print(f"{layer:22s} {shape:20s} {impl:7s} " + " ".join(cells))
+
+
+def main(argv: Sequence[str]) -> int:
+  args = _parser().parse_args(argv)
+  rows = run(args)
+  if args.json:
+    print(json.dumps(rows))
+  else:
+    _print_table(rows)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))

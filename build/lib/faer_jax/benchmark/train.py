@@ -1,0 +1,284 @@
+"""`python -m faer_jax.benchmark train`: training step and eval forward, JAX next to PyTorch.
+
+  python -m faer_jax.benchmark train --variant tiny --batch-size 16 --image-size 224 \
+      --steps 3 --framework both --threads 2
+
+Both frameworks run the same work on the same shapes: forward, cross-entropy on
+random labels, backward and one AdamW update (lr 1e-3, weight decay 0.01 on
+every parameter, PyTorch's defaults) per training step; the model in eval mode
+without gradients for the eval forward. Measurements alternate between the two
+frameworks, JAX train, torch train, JAX eval, torch eval, round after round, so
+that a slow spell of a shared machine lands on both; each figure is the median
+of `--steps` rounds after `--warmup` untimed ones.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+from faer_jax.benchmark import threads
+
+LR, BETAS, EPS, WEIGHT_DECAY = 1e-3, (0.9, 0.999), 1e-8, 0.01
+# Between the two frameworks' measurements: lets the other one's worker threads
+# (OpenMP's and Eigen's spin briefly after each parallel region) go to sleep.
+_SETTLE_S = 0.05
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m faer_jax.benchmark train",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--variant", default="tiny", help="ConvNeXt variant: test, atto, ..., tiny, base.")
+  p.add_argument("--batch-size", type=int, default=16)
+  p.add_argument("--image-size", type=int, default=224)
+  p.add_argument("--num-classes", type=int, default=7)
+  p.add_argument("--steps", type=int, default=3, help="Timed rounds; the median is reported.")
+  p.add_argument("--warmup", type=int, default=1, help="Untimed rounds after compilation.")
+  p.add_argument("--framework", choices=("jax", "torch", "both"), default="jax")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                 help="Compute dtype (parameters stay float32; torch uses autocast).")
+  p.add_argument("--threads", type=int, default=None, help="CPU threads for both (default: all allowed).")
+  p.add_argument("--conv-impl", default="auto",
+                 help="auto | xla | shift | kernel: the Flax model's conv implementations "
+                      "(faer_jax.models.create_model).")
+  p.add_argument("--compiler-option", action="append", default=[], metavar="KEY=VALUE",
+                 help="An XLA option for the JAX programs, e.g. xla_cpu_use_xnnpack=false (repeatable).")
+  p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                 help="'cpu' times with the process's CPU time: with --threads 1 on a machine shared with "
+                      "other jobs, it counts this process's work and not its waits.")
+  p.add_argument("--skip-eval", action="store_true", help="Time the training step only.")
+  p.add_argument("--skip-train", action="store_true", help="Time the eval forward only.")
+  p.add_argument("--json", action="store_true", help="Print one JSON object instead of a table.")
+  return p
+
+
+def _timed(fn: Callable[[], object], clock: Callable[[], float]) -> float:
+  start = clock()
+  fn()
+  return clock() - start
+
+
+def _compiler_options(pairs: Sequence[str]) -> dict[str, str]:
+  options = {}
+  for pair in pairs:
+    key, sep, value = pair.partition("=")
+    if not sep:
+      raise ValueError(f"--compiler-option {pair!r}: expected KEY=VALUE.")
+    options[key] = value
+  return options
+
+
+class _JaxBench:
+  """The compiled Flax train step and eval forward on one device, with their FLOP counts."""
+
+  def __init__(self, args: argparse.Namespace):
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    import optax  # pylint: disable=g-import-not-at-top
+
+    from faer_jax.benchmark.flops import compiled_flops  # pylint: disable=g-import-not-at-top
+    from faer_jax.models import create_model  # pylint: disable=g-import-not-at-top
+
+    self._jax = jax
+    # One device, even when tests simulate several: the figure is per chip.
+    self.device = jax.devices()[0]
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    model = create_model(args.variant, args.num_classes, dtype=dtype, conv_impl=args.conv_impl)
+    images, labels = _batch(args)
+    self.images = jax.device_put(images.transpose(0, 2, 3, 1), self.device)  # NHWC
+    self.labels = jax.device_put(labels, self.device)
+    params = jax.jit(model.init)(jax.random.key(0), self.images[:1])["params"]
+    tx = optax.adamw(LR, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WEIGHT_DECAY)
+
+    def train_step(state, images, labels):
+      params, opt_state = state
+
+      def loss_fn(params):
+        _, logits = model.apply({"params": params}, images, train=True)
+        return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
+
+      loss, grads = jax.value_and_grad(loss_fn)(params)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return (optax.apply_updates(params, updates), opt_state), loss
+
+    def eval_forward(params, images):
+      return model.apply({"params": params}, images, train=False)[1]
+
+    self.state = (params, tx.init(params))
+    # Compiled ahead of time: the cost analysis comes from the very program timed.
+    options = _compiler_options(args.compiler_option)
+    self.train_step = jax.jit(train_step, donate_argnums=0).lower(
+        self.state, self.images, self.labels).compile(compiler_options=options)
+    self.eval_forward = jax.jit(eval_forward).lower(params, self.images).compile(compiler_options=options)
+    self.train_flops = compiled_flops(self.train_step)
+    self.eval_flops = compiled_flops(self.eval_forward)
+
+  def train(self) -> None:
+    self.state, loss = self.train_step(self.state, self.images, self.labels)
+    self._jax.block_until_ready(loss)
+    self._jax.block_until_ready(self.state)
+
+  def eval(self) -> None:
+    self._jax.block_until_ready(self.eval_forward(self.state[0], self.images))
+
+
+class _TorchBench:
+  """The PyTorch reference (faer_jax.interop.torch_reference) doing the same work."""
+
+  def __init__(self, args: argparse.Namespace, num_threads: int):
+    import torch  # pylint: disable=g-import-not-at-top
+    import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+
+    from faer_jax.interop.torch_reference import create_torch_model  # pylint: disable=g-import-not-at-top
+
+    torch.set_num_threads(num_threads)
+    torch.manual_seed(0)
+    self._torch, self._F = torch, F
+    self.model = create_torch_model(args.variant, args.num_classes)
+    self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=LR, betas=BETAS, eps=EPS,
+                                       weight_decay=WEIGHT_DECAY)
+    images, labels = _batch(args)
+    self.images, self.labels = torch.from_numpy(images), torch.from_numpy(labels).long()
+    self.autocast = args.dtype == "bfloat16"
+
+  def _forward(self):
+    with self._torch.autocast("cpu", dtype=self._torch.bfloat16, enabled=self.autocast):
+      return self.model(self.images)[1]
+
+  def train(self) -> None:
+    self.model.train()
+    self.optimizer.zero_grad(set_to_none=True)
+    loss = self._F.cross_entropy(self._forward().float(), self.labels)
+    loss.backward()
+    self.optimizer.step()
+
+  def eval(self) -> None:
+    self.model.eval()
+    with self._torch.no_grad():
+      self._forward()
+
+
+def _batch(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
+  """The same random images (NCHW, float32) and labels for both frameworks."""
+  rng = np.random.default_rng(0)
+  images = rng.standard_normal((args.batch_size, 3, args.image_size, args.image_size), np.float32)
+  return images, rng.integers(0, args.num_classes, args.batch_size).astype(np.int32)
+
+
+def _interleaved(benches: dict[str, object], phases: Sequence[str], warmup: int, steps: int,
+                 clock: Callable[[], float]) -> dict[str, list[float]]:
+  """Seconds per call of bench.<phase>(), alternating frameworks call by call."""
+  times = {f"{name}_{phase}": [] for phase in phases for name in benches}
+  for round_ in range(warmup + steps):
+    for phase in phases:
+      for name, bench in benches.items():
+        time.sleep(_SETTLE_S)
+        seconds = _timed(getattr(bench, phase), clock)
+        if round_ >= warmup:
+          times[f"{name}_{phase}"].append(seconds)
+  return times
+
+
+def run(args: argparse.Namespace) -> dict:
+  """Runs the benchmark and returns the figures (the keys of the --json output)."""
+  applied = threads.limit_threads(args.threads)  # before jax and torch load
+  from faer_jax.benchmark.flops import peak_flops  # pylint: disable=g-import-not-at-top
+
+  phases = [p for p, skip in (("train", args.skip_train), ("eval", args.skip_eval)) if not skip]
+  benches = {}
+  if args.framework in ("jax", "both"):
+    benches["jax"] = _JaxBench(args)
+  if args.framework in ("torch", "both"):
+    benches["torch"] = _TorchBench(args, applied["threads"])
+  clock = time.process_time if args.clock == "cpu" else time.perf_counter
+  load_before = os.getloadavg()[0]
+  times = _interleaved(benches, phases, args.warmup, args.steps, clock)
+
+  result = {
+      "variant": args.variant, "batch_size": args.batch_size, "image_size": args.image_size,
+      "dtype": args.dtype, "steps": args.steps, **applied, "clock": args.clock, "cpu": _cpu_name(),
+      # Other jobs on the machine: the 1-minute load average before and after the timed rounds.
+      "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+  }
+  jax_bench = benches.get("jax")
+  if jax_bench is not None:
+    import jax  # pylint: disable=g-import-not-at-top
+    result.update(jax_version=jax.__version__, device=jax_bench.device.device_kind,
+                  platform=jax_bench.device.platform, conv_impl=args.conv_impl,
+                  compiler_options=_compiler_options(args.compiler_option))
+    peak = peak_flops(jax_bench.device.device_kind, args.dtype)
+    result["peak_flops_per_sec"] = peak
+  for key, seconds in times.items():
+    median = statistics.median(seconds)
+    result[f"{key}_seconds"] = median
+    result[f"{key}_images_per_sec"] = args.batch_size / median
+  for phase in phases:
+    if jax_bench is not None:
+      flops = getattr(jax_bench, f"{phase}_flops")
+      rate = flops / result[f"jax_{phase}_seconds"] if flops else None
+      result[f"jax_{phase}_flops"] = flops
+      result[f"jax_{phase}_flops_per_sec"] = rate
+      result[f"jax_{phase}_mfu"] = rate / peak if rate and peak else None
+    if len(benches) == 2:
+      result[f"{phase}_speedup"] = result[f"jax_{phase}_images_per_sec"] / result[f"torch_{phase}_images_per_sec"]
+  return result
+
+
+def _cpu_name() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def _fmt_flops(value: float | None, unit: str = "FLOP/s") -> str:
+  if value is None:
+    return "n/a"
+  for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M")):
+    if value >= scale:
+      return f"{value / scale:.1f} {prefix}{unit}"
+  return f"{value:.0f} {unit}"
+
+
+def _print_table(r: dict) -> None:
+  print(f"FAER-{r['variant']}  batch {r['batch_size']}  {r['image_size']} px  {r['dtype']}  "
+        f"threads {r['threads']}  clock {r['clock']}  ({r['cpu']}, load average {r['load_average']})")
+  if "device" in r:
+    print(f"jax {r['jax_version']} on {r['platform']} ({r['device']}), conv_impl={r['conv_impl']}")
+  phases = [p for p in ("train", "eval") if any(k.endswith(f"_{p}_seconds") for k in r)]
+  print(f"{'':8s}" + "".join(f"{p + ' img/s':>14s}{p + ' s':>10s}" for p in phases))
+  for fw in ("jax", "torch"):
+    if any(k.startswith(fw + "_") and k.endswith("_seconds") for k in r):
+      print(f"{fw:8s}" + "".join(f"{r[f'{fw}_{p}_images_per_sec']:14.2f}{r[f'{fw}_{p}_seconds']:10.3f}"
+                                 for p in phases))
+  if any(f"{p}_speedup" in r for p in phases):
+    print(f"{'jax/torch':8s}" + "".join(f"{r[f'{p}_speedup']:13.2f}x{'':10s}" for p in phases))
+  for p in phases:
+    if f"jax_{p}_flops" in r:
+      flops, mfu = r[f"jax_{p}_flops"], r[f"jax_{p}_mfu"]
+      print(f"XLA cost analysis, {p}: {_fmt_flops(flops, 'FLOP')} per call, achieved "
+            f"{_fmt_flops(r[f'jax_{p}_flops_per_sec'])}, MFU "
+            + ("n/a (peak unknown for this device)" if mfu is None else f"{100 * mfu:.1f} %"))
+
+
+def main(argv: Sequence[str]) -> int:
+  args = _parser().parse_args(argv)
+  if args.skip_train and args.skip_eval:
+    print("--skip-train and --skip-eval leave nothing to time.", file=sys.stderr)
+    return 2
+  result = run(args)
+  if args.json:
+    print(json.dumps(result))
+  else:
+    _print_table(result)
+  return 0

@@ -1,0 +1,5 @@
+import sys
+
+from faer_jax.interop.cli import main
+
+sys.exit(main())

@@ -1,0 +1,180 @@
+"""python -m faer_jax.interop {import,export,check}: move weights between PyTorch and Flax.
+
+  import  --torch-checkpoint X.pth --variant base --num-classes 7 --out DIR
+          Writes DIR/variables (an Orbax checkpoint of the Flax variables) and
+          DIR/model.json (variant, number of classes), and prints the load report.
+  export  --checkpoint DIR --out X.pth [--variant base --num-classes 7]
+          Writes a state dict that the original model loads with strict=True.
+  check   --variant tiny --num-classes 7 [--torch-checkpoint X.pth]
+          Runs the PyTorch reference and the Flax model on one random batch and
+          prints the largest differences of features and logits; exits 1 above
+          --tolerance. Without a checkpoint, weights are drawn at random far from
+          initialisation (with gamma = 1e-6 every block is near the identity,
+          and agreement would prove little).
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+import numpy as np
+
+from faer_jax.interop.convert import init_variables, load_state_dict, load_torch_checkpoint, to_torch_state_dict
+from faer_jax.interop.torch_io import CheckpointError, read_state_dict
+from faer_jax.models import create_model, get_variant
+
+
+def _model_args(p: argparse.ArgumentParser, required: bool) -> None:
+  p.add_argument("--variant", required=required, help="ConvNeXt variant, e.g. tiny or base.")
+  p.add_argument("--num-classes", type=int, required=required, help="7 (expressions) or 40 (CelebA).")
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="python -m faer_jax.interop", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True)
+  p = sub.add_parser("import", help="PyTorch checkpoint -> Orbax checkpoint of Flax variables.")
+  p.add_argument("--torch-checkpoint", required=True)
+  _model_args(p, required=True)
+  p.add_argument("--out", required=True, help="Output directory (must not exist yet).")
+  p.add_argument("--strict", action="store_true", help="Fail unless every tensor loads on both sides.")
+  p = sub.add_parser("export", help="Orbax checkpoint written by `import` -> PyTorch state dict.")
+  p.add_argument("--checkpoint", required=True, help="A directory written by `import`.")
+  _model_args(p, required=False)
+  p.add_argument("--out", required=True, help="Output .pth (or .safetensors) file.")
+  p = sub.add_parser("check", help="Compare the PyTorch reference and the Flax model on one batch.")
+  _model_args(p, required=True)
+  p.add_argument("--torch-checkpoint", help="Weights for both models (default: random, perturbed).")
+  p.add_argument("--batch-size", type=int, default=2)
+  p.add_argument("--image-size", type=int, default=224)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--tolerance", type=float, default=1e-4, help="Largest relative difference allowed.")
+  p.add_argument("--json", action="store_true", help="Print one JSON object.")
+  return parser
+
+
+def _save_variables(out: str, variables, variant: str, num_classes: int) -> None:
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  out = os.path.abspath(out)
+  if os.path.exists(out):
+    raise FileExistsError(f"{out!r} already exists; choose a new --out directory.")
+  os.makedirs(out)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.join(out, "variables"), variables)
+  checkpointer.wait_until_finished()
+  with open(os.path.join(out, "model.json"), "w") as f:
+    json.dump({"variant": variant, "num_classes": num_classes}, f)
+
+
+def load_imported(directory: str, variant: str | None = None, num_classes: int | None = None):
+  """(variables, variant, num_classes) from a directory written by `import`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  directory = os.path.abspath(directory)
+  meta_path = os.path.join(directory, "model.json")
+  meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
+  variant = variant or meta.get("variant")
+  num_classes = num_classes or meta.get("num_classes")
+  if not variant or not num_classes:
+    raise ValueError(f"{meta_path!r} is missing: pass --variant and --num-classes.")
+  abstract = jax.eval_shape(lambda: init_variables(create_model(variant, num_classes)))
+  variables = ocp.StandardCheckpointer().restore(os.path.join(directory, "variables"), abstract)
+  return variables, variant, num_classes
+
+
+def _write_state_dict(state_dict: dict, out: str) -> None:
+  if out.endswith(".safetensors"):
+    from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+    save_file(state_dict, out)
+    return
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.save({k: torch.from_numpy(v) for k, v in state_dict.items()}, out)
+
+
+def _perturbed_torch_model(variant: str, num_classes: int, seed: int):
+  import torch  # pylint: disable=g-import-not-at-top
+  from faer_jax.interop.torch_reference import create_torch_model  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(seed)
+  model = create_torch_model(variant, num_classes).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(torch.randn_like(p) * 0.05)  # gamma 1e-6 -> ~0.05; weights ~2.5x their init std.
+  return model
+
+
+def _relative_max_diff(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+  diff = float(np.max(np.abs(a - b)))
+  return diff, diff / max(float(np.max(np.abs(b))), 1e-30)
+
+
+def check(variant: str, num_classes: int, torch_checkpoint: str | None = None, batch_size: int = 2,
+          image_size: int = 224, seed: int = 0) -> dict:
+  """Runs both frameworks on one batch; returns the differences (Flax vs PyTorch)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from faer_jax.interop.torch_reference import create_torch_model  # pylint: disable=g-import-not-at-top
+  get_variant(variant)
+  model = create_model(variant, num_classes)
+  if torch_checkpoint:
+    torch_model = create_torch_model(variant, num_classes).eval()
+    variables, report = load_torch_checkpoint(torch_checkpoint, model, return_report=True)
+    # The PyTorch side reads the file on its own path (the same key clean-up,
+    # but torch's load_state_dict, not our table), so a mapping error shows.
+    state_dict, _ = read_state_dict(torch_checkpoint)
+    from faer_jax.interop import mapping  # pylint: disable=g-import-not-at-top
+    timm = mapping.is_timm_layout(mapping.strip_wrappers(k) for k in state_dict)
+    own = torch_model.state_dict()
+    torch_model.load_state_dict({n: torch.from_numpy(np.array(v)) for n, v in (
+        (mapping.normalize_key(k, timm), v) for k, v in state_dict.items()) if n in own and own[n].shape == v.shape},
+        strict=False)
+    load_summary = report.summary()
+  else:
+    torch_model = _perturbed_torch_model(variant, num_classes, seed)
+    state_dict = {k: v.numpy() for k, v in torch_model.state_dict().items()}
+    variables, _ = load_state_dict(state_dict, init_variables(model), strict=True)
+    load_summary = "random weights, perturbed from initialisation"
+  images = np.random.default_rng(seed).standard_normal((batch_size, 3, image_size, image_size), np.float32)
+  with torch.no_grad():
+    torch_features, torch_logits = (t.numpy() for t in torch_model(torch.from_numpy(images)))
+  with jax.default_matmul_precision("highest"):
+    features, logits = jax.jit(model.apply)(variables, images.transpose(0, 2, 3, 1))
+  fa, fr = _relative_max_diff(np.asarray(features), torch_features)
+  la, lr = _relative_max_diff(np.asarray(logits), torch_logits)
+  return {"variant": variant, "num_classes": num_classes, "weights": load_summary,
+          "batch_size": batch_size, "image_size": image_size, "backend": jax.default_backend(),
+          "features_max_abs_diff": fa, "features_max_rel_diff": fr,
+          "logits_max_abs_diff": la, "logits_max_rel_diff": lr}
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = _parser().parse_args(argv)
+  logging.basicConfig(level=logging.WARNING, format="%(message)s")
+  logging.getLogger("faer_jax").setLevel(logging.INFO)
+  try:
+    if args.command == "import":
+      model = create_model(args.variant, args.num_classes)
+      variables, report = load_torch_checkpoint(args.torch_checkpoint, model, strict=args.strict,
+                                                return_report=True)
+      _save_variables(args.out, variables, args.variant, args.num_classes)
+      print(f"Wrote {os.path.abspath(args.out)}\n{report.summary()}")
+    elif args.command == "export":
+      variables, variant, num_classes = load_imported(args.checkpoint, args.variant, args.num_classes)
+      _write_state_dict(to_torch_state_dict(variables), args.out)
+      print(f"Wrote {args.out}: the original FAER state dict ({variant}, {num_classes} classes).")
+    else:
+      result = check(args.variant, args.num_classes, args.torch_checkpoint, args.batch_size, args.image_size,
+                     args.seed)
+      ok = max(result["features_max_rel_diff"], result["logits_max_rel_diff"]) <= args.tolerance
+      result.update(tolerance=args.tolerance, ok=ok)
+      if args.json:
+        print(json.dumps(result))
+      else:
+        for k, v in result.items():
+          print(f"{k:>22}: {v:.3e}" if isinstance(v, float) else f"{k:>22}: {v}")
+      return 0 if ok else 1
+  except (CheckpointError, FileExistsError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0

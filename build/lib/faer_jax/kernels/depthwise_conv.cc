@@ -1,0 +1,367 @@
+// 7x7 depthwise convolution (stride 1, zero padding 3, NHWC, float32) for XLA:CPU.
+//
+// XLA:CPU has no fast depthwise convolution: its grouped convolution runs the
+// conv as a dense one (C times the work), and the best pure-XLA formulation
+// (49 shifted multiply-adds, faer_jax.models.layers.depthwise_conv_shifts) is
+// memory-bound and gets fused into every consumer of its output, i.e. computed
+// several times. These kernels read each input once per output tile, keep the
+// partial sums in registers and skip the zero padding, like the direct
+// convolutions oneDNN runs for PyTorch.
+//
+// Three XLA FFI handlers (jax.ffi), each over a batch of N examples:
+//   faer_dw7_forward      y[n,h,w,c]    = sum_ij x[n,h+i-3,w+j-3,c] * k[i,j,c]
+//   faer_dw7_input_grad   the same with the kernel flipped (called with k[::-1, ::-1])
+//   faer_dw7_kernel_grad  dk[n,i,j,c]   = sum_hw x[n,h+i-3,w+j-3,c] * g[n,h,w,c]
+//                         (per example; the caller sums over n, so the batch
+//                         axis can be sharded like any other)
+// Sums run in a fixed order that does not depend on the thread count.
+// Built at first use by faer_jax/kernels/__init__.py.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int K = 7;    // kernel size
+constexpr int P = 3;    // padding
+constexpr int V = 16;   // channels per vector
+
+typedef float vec __attribute__((vector_size(V * sizeof(float)), aligned(4)));
+
+inline vec load(const float* p) {
+  vec v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof(v)); }
+
+// Runs fn(0..n-1) on the caller and on XLA's intra-op threads. Tasks are
+// claimed from a shared counter; the caller waits only for helpers that have
+// started, so it never waits on a task the pool has not run (the pool may be
+// busy, or be the caller's own thread).
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, const std::function<void(int64_t)>& fn) {
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> active{0};
+  };
+  auto state = std::make_shared<State>();
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
+  const std::function<void(int64_t)>* body = &fn;
+  const int64_t total = n;
+  for (int64_t t = 0; t < helpers; ++t) {
+    pool.Schedule([state, body, total]() {
+      state->active.fetch_add(1);
+      for (int64_t i = state->next.fetch_add(1); i < total; i = state->next.fetch_add(1)) (*body)(i);
+      state->active.fetch_sub(1);
+    });
+  }
+  for (int64_t i = state->next.fetch_add(1); i < total; i = state->next.fetch_add(1)) fn(i);
+  while (state->active.load() != 0) std::this_thread::yield();
+}
+
+// Valid kernel offsets for output position `o` on an axis of length `len`.
+inline int first_tap(int o) { return std::max(0, P - o); }
+inline int last_tap(int o, int len) { return std::min(K - 1, len - 1 - o + P); }
+
+// Output row h of one example (x: H x W x C; k: K x K x C) into y (W x C).
+void ForwardRow(const float* x, const float* k, float* y, int H, int W, int C, int h) {
+  const int i0 = first_tap(h), i1 = last_tap(h, H);
+  const int cv = C - C % V;
+  constexpr int T = 4;  // output pixels per register tile
+  int w = 0;
+  auto pixel = [&](int w) {  // one pixel, any position, vector channels then the rest
+    const int j0 = first_tap(w), j1 = last_tap(w, W);
+    for (int c = 0; c < cv; c += V) {
+      vec acc = {};
+      for (int i = i0; i <= i1; ++i) {
+        const float* xr = x + ((int64_t)(h + i - P) * W) * C + c;
+        const float* kr = k + (int64_t)i * K * C + c;
+        for (int j = j0; j <= j1; ++j) acc += load(xr + (int64_t)(w + j - P) * C) * load(kr + (int64_t)j * C);
+      }
+      store(y + (int64_t)w * C + c, acc);
+    }
+    for (int c = cv; c < C; ++c) {
+      float acc = 0.f;
+      for (int i = i0; i <= i1; ++i)
+        for (int j = j0; j <= j1; ++j)
+          acc += x[((int64_t)(h + i - P) * W + (w + j - P)) * C + c] * k[((int64_t)i * K + j) * C + c];
+      y[(int64_t)w * C + c] = acc;
+    }
+  };
+  // Left border, interior tiles of T pixels with all 7 column taps, the rest.
+  for (; w < std::min(P, W); ++w) pixel(w);
+  for (; w + T <= W - P; w += T) {
+    for (int c = 0; c < cv; c += V) {
+      vec acc[T] = {};
+      for (int i = i0; i <= i1; ++i) {
+        const float* xr = x + ((int64_t)(h + i - P) * W + (w - P)) * C + c;
+        const float* kr = k + (int64_t)i * K * C + c;
+        for (int j = 0; j < K; ++j) {
+          const vec kv = load(kr + (int64_t)j * C);
+          for (int t = 0; t < T; ++t) acc[t] += load(xr + (int64_t)(t + j) * C) * kv;
+        }
+      }
+      for (int t = 0; t < T; ++t) store(y + (int64_t)(w + t) * C + c, acc[t]);
+    }
+    if (cv < C)
+      for (int t = 0; t < T; ++t) {
+        // Channels past the last full vector: scalar.
+        const int ww = w + t;
+        for (int c = cv; c < C; ++c) {
+          float acc = 0.f;
+          for (int i = i0; i <= i1; ++i)
+            for (int j = 0; j < K; ++j)
+              acc += x[((int64_t)(h + i - P) * W + (ww + j - P)) * C + c] * k[((int64_t)i * K + j) * C + c];
+          y[(int64_t)ww * C + c] = acc;
+        }
+      }
+  }
+  for (; w < W; ++w) pixel(w);
+}
+
+// dk[i, j, c0:c0+V] (or the scalar tail when c0 >= cv) of one example.
+void KernelGradChunk(const float* x, const float* g, float* dk, int H, int W, int C, int c0) {
+  const int cv = C - C % V;
+  if (c0 < cv) {
+    for (int i = 0; i < K; ++i) {
+      vec acc[K] = {};
+      // Output rows h that see input row h + i - P.
+      const int h0 = std::max(0, P - i), h1 = std::min(H - 1, H - 1 + P - i);
+      for (int h = h0; h <= h1; ++h) {
+        const float* xr = x + ((int64_t)(h + i - P) * W) * C + c0;
+        const float* gr = g + ((int64_t)h * W) * C + c0;
+        int w = 0;
+        auto edge = [&](int w) {
+          const vec gv = load(gr + (int64_t)w * C);
+          for (int j = first_tap(w); j <= last_tap(w, W); ++j) acc[j] += load(xr + (int64_t)(w + j - P) * C) * gv;
+        };
+        for (; w < std::min(P, W); ++w) edge(w);
+        for (; w < W - P; ++w) {
+          const vec gv = load(gr + (int64_t)w * C);
+          const float* xw = xr + (int64_t)(w - P) * C;
+          for (int j = 0; j < K; ++j) acc[j] += load(xw + (int64_t)j * C) * gv;
+        }
+        for (; w < W; ++w) edge(w);
+      }
+      for (int j = 0; j < K; ++j) store(dk + ((int64_t)i * K + j) * C + c0, acc[j]);
+    }
+  } else {
+    for (int c = cv; c < C; ++c)
+      for (int i = 0; i < K; ++i)
+        for (int j = 0; j < K; ++j) {
+          float acc = 0.f;
+          for (int h = std::max(0, P - i); h <= std::min(H - 1, H - 1 + P - i); ++h)
+            for (int w = std::max(0, P - j); w <= std::min(W - 1, W - 1 + P - j); ++w)
+              acc += x[((int64_t)(h + i - P) * W + (w + j - P)) * C + c] * g[((int64_t)h * W + w) * C + c];
+          dk[((int64_t)i * K + j) * C + c] = acc;
+        }
+  }
+}
+
+ffi::Error CheckShapes(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>& k) {
+  auto xd = x.dimensions();
+  auto kd = k.dimensions();
+  if (xd.size() != 4) return ffi::Error::InvalidArgument("faer_dw7: input must be NHWC (rank 4)");
+  if (kd.size() != 3 || kd[0] != K || kd[1] != K || kd[2] != xd[3])
+    return ffi::Error::InvalidArgument("faer_dw7: kernel must be (7, 7, C)");
+  return ffi::Error::Success();
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
+                   ffi::ResultBuffer<ffi::F32> y) {
+  if (auto e = CheckShapes(x, k); e.failure()) return e;
+  auto d = x.dimensions();
+  const int64_t N = d[0];
+  const int H = d[1], W = d[2], C = d[3];
+  const float* xp = x.typed_data();
+  const float* kp = k.typed_data();
+  float* yp = y->typed_data();
+  const int64_t image = (int64_t)H * W * C;
+  ParallelFor(pool, N * H, [&](int64_t t) {
+    const int64_t n = t / H;
+    const int h = (int)(t % H);
+    ForwardRow(xp + n * image, kp, yp + n * image + (int64_t)h * W * C, H, W, C, h);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
+                      ffi::ResultBuffer<ffi::F32> dk) {
+  auto d = x.dimensions();
+  if (d.size() != 4 || g.dimensions().size() != 4) return ffi::Error::InvalidArgument("faer_dw7: NHWC inputs");
+  for (int a = 0; a < 4; ++a)
+    if (g.dimensions()[a] != d[a]) return ffi::Error::InvalidArgument("faer_dw7: x and g differ in shape");
+  const int64_t N = d[0];
+  const int H = d[1], W = d[2], C = d[3];
+  const int cv = C - C % V;
+  const int chunks = cv / V + (cv < C ? 1 : 0);
+  const float* xp = x.typed_data();
+  const float* gp = g.typed_data();
+  float* dkp = dk->typed_data();
+  const int64_t image = (int64_t)H * W * C;
+  ParallelFor(pool, N * chunks, [&](int64_t t) {
+    const int64_t n = t / chunks;
+    KernelGradChunk(xp + n * image, gp + n * image, dkp + n * K * K * C, H, W, C, (int)(t % chunks) * V);
+  });
+  return ffi::Error::Success();
+}
+
+
+// The fused ConvNeXt pair: z = LayerNorm(dwconv(x) + bias) over channels, with
+// the LayerNorm's scale and shift; mean((y - mean)^2) as torch computes it.
+// Also returns each pixel's mean and 1/sqrt(var + eps) for the backward pass.
+void NormalizeRow(const float* y, const float* bias, const float* scale, const float* shift, float eps, int W,
+                  int C, float* z, float* mean_out, float* rstd_out) {
+  for (int w = 0; w < W; ++w) {
+    const float* yp = y + (int64_t)w * C;
+    float sum = 0.f;
+    for (int c = 0; c < C; ++c) sum += yp[c] + bias[c];
+    const float mean = sum / C;
+    float sq = 0.f;
+    for (int c = 0; c < C; ++c) {
+      const float d = yp[c] + bias[c] - mean;
+      sq += d * d;
+    }
+    const float rstd = 1.f / std::sqrt(sq / C + eps);
+    float* zp = z + (int64_t)w * C;
+    for (int c = 0; c < C; ++c) zp[c] = (yp[c] + bias[c] - mean) * rstd * scale[c] + shift[c];
+    mean_out[w] = mean;
+    rstd_out[w] = rstd;
+  }
+}
+
+thread_local std::vector<float> row_buffer;
+
+float* RowBuffer(int64_t size) {
+  if ((int64_t)row_buffer.size() < size) row_buffer.resize(size);
+  return row_buffer.data();
+}
+
+ffi::Error NormForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
+                       ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift,
+                       float eps, ffi::ResultBuffer<ffi::F32> z, ffi::ResultBuffer<ffi::F32> mean,
+                       ffi::ResultBuffer<ffi::F32> rstd) {
+  if (auto e = CheckShapes(x, k); e.failure()) return e;
+  auto d = x.dimensions();
+  const int64_t N = d[0];
+  const int H = d[1], W = d[2], C = d[3];
+  const int64_t image = (int64_t)H * W * C;
+  const float *xp = x.typed_data(), *kp = k.typed_data();
+  const float *bp = bias.typed_data(), *sp = scale.typed_data(), *tp = shift.typed_data();
+  float *zp = z->typed_data(), *mp = mean->typed_data(), *rp = rstd->typed_data();
+  ParallelFor(pool, N * H, [&](int64_t t) {
+    const int64_t n = t / H;
+    const int h = (int)(t % H);
+    float* row = RowBuffer((int64_t)W * C);
+    ForwardRow(xp + n * image, kp, row, H, W, C, h);
+    const int64_t at = (n * H + h) * W;
+    NormalizeRow(row, bp, sp, tp, eps, W, C, zp + at * C, mp + at, rp + at);
+  });
+  return ffi::Error::Success();
+}
+
+// Given dz = d(loss)/dz, the gradient at y = dwconv(x) + bias:
+//   dy = rstd * (dz*scale - mean_c(dz*scale) - xhat * mean_c(dz*scale*xhat)),
+// and per (example, row) partial sums of dz*xhat (scale), dz (shift) and dy
+// (bias); the caller sums them. y is recomputed from x rather than stored.
+ffi::Error NormBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
+                        ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> mean,
+                        ffi::Buffer<ffi::F32> rstd, ffi::Buffer<ffi::F32> dz, ffi::ResultBuffer<ffi::F32> dy,
+                        ffi::ResultBuffer<ffi::F32> partials) {
+  if (auto e = CheckShapes(x, k); e.failure()) return e;
+  auto d = x.dimensions();
+  const int64_t N = d[0];
+  const int H = d[1], W = d[2], C = d[3];
+  const int64_t image = (int64_t)H * W * C;
+  const float *xp = x.typed_data(), *kp = k.typed_data(), *bp = bias.typed_data(), *sp = scale.typed_data();
+  const float *mp = mean.typed_data(), *rp = rstd.typed_data(), *gp = dz.typed_data();
+  float *dyp = dy->typed_data(), *pp = partials->typed_data();
+  ParallelFor(pool, N * H, [&](int64_t t) {
+    const int64_t n = t / H;
+    const int h = (int)(t % H);
+    float* row = RowBuffer((int64_t)W * C);
+    ForwardRow(xp + n * image, kp, row, H, W, C, h);
+    float* dscale = pp + t * 3 * C;
+    float* dshift = dscale + C;
+    float* dbias = dshift + C;
+    for (int c = 0; c < 3 * C; ++c) dscale[c] = 0.f;
+    for (int w = 0; w < W; ++w) {
+      const int64_t at = (n * H + h) * W + w;
+      const float m = mp[at], r = rp[at];
+      const float* y = row + (int64_t)w * C;
+      const float* g = gp + at * C;
+      float a = 0.f, b = 0.f;
+      for (int c = 0; c < C; ++c) {
+        const float xhat = (y[c] + bp[c] - m) * r;
+        const float gs = g[c] * sp[c];
+        a += gs;
+        b += gs * xhat;
+      }
+      a /= C;
+      b /= C;
+      float* out = dyp + at * C;
+      for (int c = 0; c < C; ++c) {
+        const float xhat = (y[c] + bp[c] - m) * r;
+        const float v = r * (g[c] * sp[c] - a - xhat * b);
+        out[c] = v;
+        dscale[c] += g[c] * xhat;
+        dshift[c] += g[c];
+        dbias[c] += v;
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FaerDw7Forward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FaerDw7KernelGrad, KernelGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FaerDw7NormForward, NormForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // kernel
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // conv bias
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // norm scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // norm shift
+                                  .Attr<float>("eps")
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // z
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // mean
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // rstd
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FaerDw7NormBackward, NormBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // kernel
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // conv bias
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // norm scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // mean
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // rstd
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dz
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dy
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // partial sums (N, H, 3, C)

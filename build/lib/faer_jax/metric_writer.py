@@ -1,0 +1,96 @@
+"""Training logs: metrics.jsonl and TensorBoard event files from process 0, and the progress bar.
+
+TensorBoard files are written with tensorboardX, so TensorFlow is not needed.
+"""
+
+import json
+import math
+import os
+import sys
+from typing import Any
+
+import tqdm
+
+
+class TrainWindow:
+  """Sums of the per-step training metrics since the last log line.
+
+  Saved with each checkpoint, so the first log line after a resume averages
+  exactly the steps an uninterrupted run's would.
+  """
+
+  def __init__(self, sums: dict[str, float] | None = None, count: int = 0):
+    self.sums = dict(sums or {})
+    self.count = count
+
+  def add(self, metrics: dict[str, Any]) -> None:
+    for k, v in metrics.items():
+      self.sums[k] = self.sums.get(k, 0.0) + float(v)
+    self.count += 1
+
+  def pop(self) -> dict[str, float]:
+    averages = {k: v / max(self.count, 1) for k, v in self.sums.items()}
+    self.sums, self.count = {}, 0
+    return averages
+
+  def to_json(self) -> dict:
+    return {"sums": self.sums, "count": self.count}
+
+  @classmethod
+  def from_json(cls, value: dict | None) -> "TrainWindow":
+    return cls(**value) if value else cls()
+
+
+def _jsonable(value: Any) -> Any:
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)
+  return value
+
+
+class MetricWriter:
+  """Writes `metrics.jsonl` (one object per step with `step`) and TensorBoard scalars.
+
+  All methods do nothing when `enabled` is False (processes other than 0).
+  `truncate_after`: on a resumed run, lines past the restored step are
+  dropped, since the run will log those steps again.
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True, truncate_after: int | None = None):
+    self.enabled = enabled
+    self._jsonl = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if not enabled:
+      return
+    if truncate_after is not None and os.path.exists(self._jsonl):
+      with open(self._jsonl) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= truncate_after]
+      with open(self._jsonl, "w") as f:
+        f.writelines(kept)
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write_scalars(self, step: int, values: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    with open(self._jsonl, "a") as f:
+      f.write(json.dumps({"step": step, **{k: _jsonable(v) for k, v in values.items()}}) + "\n")
+    for k, v in values.items():
+      if isinstance(v, (int, float)):
+        self._tb.add_scalar(k, v, step)
+
+  def write_throughput(self, step: int, images_per_sec: float) -> None:
+    """TensorBoard only: timings differ from run to run, metrics.jsonl must not."""
+    if self.enabled:
+      self._tb.add_scalar("train_images_per_sec", images_per_sec, step)
+
+  def write_text(self, tag: str, text: str) -> None:
+    if self.enabled:
+      self._tb.add_text(tag, f"```\n{text}\n```", 0)
+
+  def progress(self, total: int, initial: int) -> tqdm.tqdm:
+    return tqdm.tqdm(total=total, initial=initial, disable=not self.enabled, unit="step", dynamic_ncols=True,
+                     file=sys.stderr, mininterval=1.0)
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()

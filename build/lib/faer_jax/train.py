@@ -1,0 +1,280 @@
+r"""Training and evaluation: `python -m faer_jax.train --config configs/rafdb.py --workdir DIR`.
+
+`train_and_evaluate` reads top to bottom: mesh -> data -> model and state ->
+compiled steps -> checkpoint restore -> loop. Running the same command on the
+same workdir resumes from the latest checkpoint, and ends with exactly the
+parameters and metrics of a run that was never stopped.
+
+Multi-host: pass --coordinator_address, --num_processes and --process_id to
+every process (or nothing, on clusters JAX detects by itself).
+"""
+
+import functools
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from absl import app, flags, logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from ml_collections import config_flags
+
+from faer_jax import checkpoint, config_lib, evaluation, optim, sharding, steps
+from faer_jax.data import DataError, create_source, pipeline
+from faer_jax.data.synth import ensure_synthetic_rafdb
+from faer_jax.interop import load_torch_checkpoint
+from faer_jax.metric_writer import MetricWriter, TrainWindow
+from faer_jax.models import create_model
+
+FLAGS = flags.FLAGS
+
+
+def define_flags(config_help: str, workdir_help: str) -> None:
+  """The command-line flags of train and evaluate; defined only by the module run as __main__."""
+  config_flags.DEFINE_config_file("config", None, config_help, lock_config=True)
+  flags.DEFINE_string("workdir", None, workdir_help)
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
+  flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+  flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+
+
+def start_processes() -> None:
+  """Quiet logs, then jax.distributed from the flags (or the cluster's environment)."""
+  quiet_logs()
+  sharding.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+
+
+class NonFiniteLossError(RuntimeError):
+  """Training produced a NaN or infinite loss; the message names the step."""
+
+
+def create_train_model(config: ml_collections.ConfigDict):
+  return create_model(config.model.variant, config.num_classes, drop_path_rate=config.model.drop_path_rate,
+                      layer_scale_init_value=config.model.layer_scale_init_value,
+                      head_init_scale=config.model.head_init_scale, dtype=jnp.dtype(config.model.dtype),
+                      conv_impl=config.model.conv_impl)
+
+
+def create_data_source(config: ml_collections.ConfigDict, split: str):
+  """One split of the configured dataset (the synthetic set is generated on first use)."""
+  root = config.data.root
+  if config.data.synthetic:
+    root = str(ensure_synthetic_rafdb(root, config.data.synthetic_num_train, config.data.synthetic_num_test,
+                                      seed=0))
+  options: dict[str, Any] = {"skip_bad_images": config.data.skip_bad_images}
+  if config.data.dataset == "affectnet":
+    options.update(num_classes=config.data.affectnet_num_classes, crop_face=config.data.affectnet_crop_face)
+  if config.data.dataset == "tfds":
+    options["name"] = config.data.tfds_name
+  source = create_source(config.data.dataset, root, split, **options)
+  if len(source.class_names) != config.num_classes:
+    raise ValueError(f"Bad config: num_classes={config.num_classes}, but the {config.data.dataset} {split} "
+                     f"split has {len(source.class_names)} classes: {list(source.class_names)}")
+  return source
+
+
+def abstract_train_state(config, model, tx, state_sharding=None):
+  """The state's shapes (and shardings, when given), without allocating it."""
+  init_fn = functools.partial(steps.create_train_state, model=model, tx=tx, config=config)
+  abstract = jax.eval_shape(init_fn, jax.random.key(config.seed))
+  if state_sharding is None:
+    return abstract, init_fn
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                      state_sharding), init_fn
+
+
+def _load_pretrained(path: str, model, params, params_sharding):
+  """params with the tensors of a PyTorch checkpoint; the rest (CC Attention, head) as initialised."""
+  host = jax.experimental.multihost_utils.process_allgather(params, tiled=True)
+  loaded = load_torch_checkpoint(path, model, variables={"params": host})["params"]
+  return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: np.asarray(x)[idx]),
+                      loaded, params_sharding)
+
+
+class _Preemption:
+  """SIGTERM (pre-emption) -> save and exit cleanly at the next step boundary."""
+
+  def __init__(self):
+    self._requested = False
+    # Multi-process jobs use JAX's coordination service, which catches SIGTERM
+    # itself and lets all processes agree on the step to stop at.
+    if jax.process_count() == 1:
+      signal.signal(signal.SIGTERM, self._handler)
+
+  def _handler(self, signum, frame):
+    del signum, frame
+    self._requested = True
+
+  def requested(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return jax.experimental.multihost_utils.reached_preemption_sync_point(step)
+    return self._requested
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (or resumes) in `workdir`; returns the final evaluation metrics."""
+  config_lib.validate(config)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  if is_main:
+    config_lib.save(config, os.path.join(workdir, "config.json"))
+
+  # Mesh.
+  mesh = sharding.create_mesh(config.fsdp)
+  batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  local_batch_size = sharding.local_batch_size(config.batch_size, mesh)
+
+  # Data: host-local numpy from grain, this process's share only.
+  train_source = create_data_source(config, config.data.train_split)
+  eval_source = create_data_source(config, config.data.eval_split)
+  if is_main:  # what predict and gradcam name the outputs with
+    with open(os.path.join(workdir, "classes.json"), "w") as f:
+      json.dump({"task": config.task, "class_names": list(train_source.class_names)}, f)
+  steps_per_epoch = len(train_source) // config.batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f"Bad config: batch_size={config.batch_size} exceeds the {len(train_source)} training examples.")
+  num_steps = config.num_train_steps if config.num_train_steps > 0 else config.num_epochs * steps_per_epoch
+  eval_every = config.eval_every_steps or steps_per_epoch
+  checkpoint_every = config.checkpoint_every_steps or steps_per_epoch
+  train_iter = pipeline.create_train_iterator(
+      train_source, batch_size=local_batch_size, image_size=config.image_size, seed=config.seed,
+      shard_index=jax.process_index(), shard_count=jax.process_count(), num_workers=config.data.num_workers,
+      random_flip=config.data.random_flip, balanced=config.data.balanced, aspect=config.data.aspect,
+      skip_bad_images=config.data.skip_bad_images)
+
+  # Model and state, built abstractly and then created where the shardings say.
+  model = create_train_model(config)
+  tx, schedule = optim.create_optimizer(config.optimizer, steps_per_epoch)
+  abstract_state, init_fn = abstract_train_state(config, model, tx)
+  state_sharding = sharding.state_shardings(abstract_state, mesh, fsdp=config.fsdp > 1)
+
+  # Compiled steps: one train step over the mesh with the state donated.
+  train_fn = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, config=config, schedule=schedule),
+                     in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated),
+                     donate_argnums=0)
+  eval_fn = jax.jit(functools.partial(steps.eval_step, model=model, config=config),
+                    in_shardings=(state_sharding["params"], state_sharding["centers"], batch_sharding),
+                    out_shardings=replicated)
+
+  # Restore, or start afresh.
+  ckpt = checkpoint.CheckpointManager(os.path.join(workdir, "checkpoints"),
+                                      max_to_keep=config.max_checkpoints_to_keep, best_metric="accuracy",
+                                      save_interval_steps=1)
+  window = TrainWindow()
+  if ckpt.latest_step() is not None:
+    target, _ = abstract_train_state(config, model, tx, state_sharding)
+    restored = ckpt.restore("latest", target, data_iterator=train_iter)
+    state = restored.state
+    window = TrainWindow.from_json(restored.metadata.get("train_window"))
+    logging.warning("Resumed from step %d in %s", restored.step, ckpt.directory)
+  else:
+    state = jax.jit(init_fn, out_shardings=state_sharding)(jax.random.key(config.seed))
+    if config.model.pretrained:
+      state["params"] = _load_pretrained(config.model.pretrained, model, state["params"],
+                                         state_sharding["params"])
+  step = int(state["step"])
+  writer = MetricWriter(workdir, enabled=is_main, truncate_after=step)
+  if step == 0:
+    writer.write_text("config", config.to_json_best_effort(indent=2))
+
+  # The loop. Metrics come back one step late, so the host never waits for
+  # the device before dispatching the next step.
+  preemption = _Preemption()
+  eval_metrics: dict = {}
+  pending = None
+  progress = writer.progress(total=num_steps, initial=step)
+  last_time, last_step = time.perf_counter(), step
+
+  def finish(pending_step_metrics):
+    done_step, metrics = pending_step_metrics
+    metrics = jax.device_get(metrics)
+    if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
+      ckpt.wait_until_finished()
+      raise NonFiniteLossError(
+          f"Non-finite loss ({metrics['loss']}) or gradient norm ({metrics['grad_norm']}) at step {done_step}. "
+          f"Stopped before saving it; the last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}.")
+    window.add(metrics)
+
+  while step < num_steps:
+    batch = sharding.make_global_batch(next(train_iter), mesh)
+    state, metrics = train_fn(state, batch)
+    step += 1
+    if pending is not None:
+      finish(pending)
+    pending = (step, metrics)
+
+    preempted = preemption.requested(step)
+    is_last = step == num_steps
+    do_log = step % config.log_every_steps == 0 or is_last
+    do_eval = step % eval_every == 0 or is_last
+    do_save = step % checkpoint_every == 0 or do_eval or preempted
+    if do_log or do_eval or do_save:
+      finish(pending)
+      pending = None
+    if do_log:
+      now = time.perf_counter()
+      throughput = (step - last_step) * config.batch_size / max(now - last_time, 1e-9)
+      last_time, last_step = now, step
+      averages = window.pop()
+      writer.write_scalars(step, {f"train_{k}": v for k, v in averages.items()})
+      writer.write_throughput(step, throughput)
+      progress.set_postfix(loss=f"{averages['loss']:.4f}", acc=f"{averages['accuracy']:.3f}",
+                           img_s=f"{throughput:.1f}")
+      skipped = pipeline.num_skipped_images(train_iter)
+      if skipped:
+        writer.write_scalars(step, {"skipped_images": skipped})
+    if do_eval:
+      eval_metrics = evaluation.evaluate(eval_fn, state["params"], state["centers"], eval_source, config, mesh)
+      writer.write_scalars(step, {f"eval_{k}": v for k, v in eval_metrics.items()
+                                  if k not in ("class_names", "attribute_names", "confusion_matrix")})
+      if is_main:
+        progress.write(f"step {step}: eval accuracy {eval_metrics['accuracy']:.4f}, loss {eval_metrics['loss']:.4f}")
+    if do_save:
+      ckpt.save(step, state, train_iter,
+                metrics=evaluation.scalar_metrics(eval_metrics) if do_eval else None,
+                metadata={"epoch": step / steps_per_epoch, "train_window": window.to_json()}, force=True)
+    progress.update(1)
+    if preempted and not is_last:
+      logging.warning("Pre-empted: saved step %d to %s; run the same command to resume.", step, ckpt.directory)
+      break
+
+  if pending is not None:
+    finish(pending)
+  progress.close()
+  ckpt.wait_until_finished()
+  ckpt.close()
+  writer.close()
+  return eval_metrics
+
+
+def quiet_logs() -> None:
+  """Orbax and grain log every save and read at INFO; show warnings unless -v was given."""
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  start_processes()
+  try:
+    metrics = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except DataError as e:
+    sys.exit(f"{e}\nTo see the project work without the dataset, run `make demo` (synthetic faces).")
+  except (NonFiniteLossError, ValueError) as e:
+    sys.exit(str(e))
+  if jax.process_index() == 0 and metrics:
+    print(json.dumps(evaluation.scalar_metrics(metrics)))
+
+
+if __name__ == "__main__":
+  define_flags("Experiment config file, e.g. configs/rafdb.py.",
+               "Directory for checkpoints, logs and the resolved config.")
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

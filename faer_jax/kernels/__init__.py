@@ -1,0 +1,110 @@
+"""C++ kernels for XLA:CPU, registered with jax.ffi and built from source at first use.
+
+Only the CPU backend uses them (GPUs and TPUs have fast native convolutions),
+and only where they measurably beat what XLA:CPU makes of the same op
+(benchmarks/README.md). The source ships with the package; the first process
+that needs a kernel compiles it with the machine's C++ compiler (`$CXX`, else
+`c++`/`g++`) against the XLA FFI headers jaxlib ships, for this CPU
+(`-march=native`), into a cache directory:
+
+  $FAER_JAX_KERNEL_CACHE, else $XDG_CACHE_HOME/faer_jax/kernels, else ~/.cache/faer_jax/kernels
+
+keyed by the source, the compiler, jaxlib and the CPU's feature flags, so a
+shared home directory over different machines is safe. Building takes a few
+seconds, once. Where no compiler is found, or FAER_JAX_CPU_KERNELS=0, the
+model uses its pure-XLA implementation (same function, slower) and logs why.
+"""
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+
+import jax
+
+_SOURCE = pathlib.Path(__file__).with_name("depthwise_conv.cc")
+_TARGETS = {"faer_dw7_forward": "FaerDw7Forward", "faer_dw7_kernel_grad": "FaerDw7KernelGrad",
+            "faer_dw7_norm_forward": "FaerDw7NormForward", "faer_dw7_norm_backward": "FaerDw7NormBackward"}
+
+
+class KernelUnavailable(RuntimeError):
+  """The C++ kernels cannot be used here (disabled, no compiler, or the build failed)."""
+
+
+def cache_dir() -> pathlib.Path:
+  if os.environ.get("FAER_JAX_KERNEL_CACHE"):
+    return pathlib.Path(os.environ["FAER_JAX_KERNEL_CACHE"])
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return pathlib.Path(base) / "faer_jax" / "kernels"
+
+
+def _compiler() -> str:
+  for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+    if name and shutil.which(name):
+      return shutil.which(name)
+  raise KernelUnavailable("no C++ compiler found ($CXX, c++, g++, clang++)")
+
+
+def _cpu_flags() -> str:
+  try:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith(("flags", "Features")):
+        return line
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+
+
+def _build(cxx: str) -> pathlib.Path:
+  version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
+  key = hashlib.sha256(b"\0".join(s.encode() for s in (
+      _SOURCE.read_text(), version, " ".join(_FLAGS), jax.ffi.include_dir(), jax.__version__,
+      _cpu_flags()))).hexdigest()[:16]
+  target = cache_dir() / f"faer_kernels_{key}.so"
+  if target.exists():
+    return target
+  target.parent.mkdir(parents=True, exist_ok=True)
+  # Build beside the target and rename: processes building at once never see half a file.
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+  os.close(fd)
+  cmd = [cxx, *_FLAGS, "-I", jax.ffi.include_dir(), str(_SOURCE), "-o", tmp]
+  result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  if result.returncode != 0:
+    os.unlink(tmp)
+    raise KernelUnavailable(f"building {_SOURCE.name} failed ({' '.join(cmd)}):\n{result.stderr[-2000:]}")
+  os.replace(tmp, target)
+  logging.info("Built the CPU kernels into %s", target)
+  return target
+
+
+@functools.cache
+def load() -> None:
+  """Builds (once per machine) and registers the kernels; raises KernelUnavailable."""
+  if os.environ.get("FAER_JAX_CPU_KERNELS", "1") == "0":
+    raise KernelUnavailable("disabled by FAER_JAX_CPU_KERNELS=0")
+  try:
+    library = ctypes.cdll.LoadLibrary(str(_build(_compiler())))
+  except OSError as e:  # an unwritable cache directory, a library that does not load
+    raise KernelUnavailable(f"{e} (cache: {cache_dir()})") from e
+  for name, symbol in _TARGETS.items():
+    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+
+
+@functools.cache
+def available() -> bool:
+  """Whether the kernels can be used in this process; logs the reason once when not."""
+  try:
+    load()
+  except KernelUnavailable as e:
+    logging.warning("faer_jax CPU kernels unavailable, using the pure-XLA depthwise conv: %s", e)
+    return False
+  return True

@@ -1,0 +1,219 @@
+"""The C++ depthwise-conv kernels (faer_jax.kernels): same function as XLA's convolution, sharded or not."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from faer_jax import kernels
+from faer_jax.kernels import depthwise
+from faer_jax.models import create_model, layers
+
+RTOL = 2e-5  # relative to the largest magnitude
+
+
+def _close(got, want, rtol=RTOL, what=""):
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  assert got.shape == want.shape, what
+  err = np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30)
+  assert err < rtol, f"{what}: relative error {err:.2e}"
+
+
+def _reference(x, kernel):
+  return lax.conv_general_dilated(x, kernel[:, :, None, :], (1, 1), ((3, 3), (3, 3)),
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])
+
+
+def _value_and_grads(conv, x, kernel, cotangent):
+  y, vjp = jax.vjp(conv, x, kernel)
+  return (y, *vjp(cotangent))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _kernels_built():
+  kernels.load()
+
+
+# Channels that are and are not multiples of the 16-wide vectors; maps smaller
+# than the kernel (every tap a border case) and wide enough for interior tiles.
+@pytest.mark.parametrize("shape", [(2, 9, 11, 40), (3, 5, 4, 16), (1, 1, 1, 5), (2, 2, 3, 33), (1, 14, 13, 96)])
+def test_kernel_equals_grouped_convolution_value_and_gradients(shape):
+  ks = jax.random.split(jax.random.key(sum(shape)), 3)
+  x, kernel = jax.random.normal(ks[0], shape), jax.random.normal(ks[1], (7, 7, shape[-1]))
+  cotangent = jax.random.normal(ks[2], shape)
+  got = jax.jit(lambda *a: _value_and_grads(depthwise.depthwise_conv7x7, *a))(x, kernel, cotangent)
+  want = _value_and_grads(_reference, x, kernel, cotangent)
+  for g, w, what in zip(got, want, ("value", "input gradient", "kernel gradient")):
+    _close(g, w, what=what)
+
+
+def _conv_then_norm(x, kernel, bias, scale, shift, eps=1e-6):
+  """The reference: XLA's depthwise conv, then torch's LayerNorm formula."""
+  y = _reference(x, kernel) + bias
+  mean = jnp.mean(y, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(y - mean), axis=-1, keepdims=True)
+  return (y - mean) / jnp.sqrt(var + eps) * scale + shift
+
+
+@pytest.mark.parametrize("shape", [(2, 9, 11, 40), (1, 1, 1, 5), (3, 7, 7, 96)])
+def test_fused_conv_norm_equals_conv_then_layer_norm(shape):
+  ks = jax.random.split(jax.random.key(len(shape) + shape[-1]), 6)
+  c = shape[-1]
+  args = (jax.random.normal(ks[0], shape), jax.random.normal(ks[1], (7, 7, c)),
+          jax.random.normal(ks[2], (c,)), 1 + 0.1 * jax.random.normal(ks[3], (c,)), jax.random.normal(ks[4], (c,)))
+  cotangent = jax.random.normal(ks[5], shape)
+  fused = lambda *a: depthwise.depthwise_conv7x7_norm(*a, 1e-6)
+  got_y, got_vjp = jax.vjp(jax.jit(fused), *args)
+  want_y, want_vjp = jax.vjp(_conv_then_norm, *args)
+  _close(got_y, want_y, what="value")
+  for i, (g, w) in enumerate(zip(got_vjp(cotangent), want_vjp(cotangent))):
+    _close(g, w, what=f"gradient of argument {i}")
+
+
+def test_block_fuses_norm_into_the_kernel():
+  """The ConvNeXt block's conv + norm is one kernel call, with the parameters where they always were."""
+  from faer_jax.models.convnext import Block  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 32))
+  variables = Block(32).init(jax.random.key(1), x)
+  assert set(variables["params"]) == {"dwconv", "norm", "pwconv1", "pwconv2", "gamma"}
+  assert set(variables["params"]["norm"]) == {"scale", "bias"}
+  hlo = jax.jit(Block(32).apply).lower(variables, x).as_text()
+  assert "faer_dw7_norm_forward" in hlo and "faer_dw7_forward" not in hlo
+  variables = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), variables)
+  _close(jax.jit(Block(32).apply)(variables, x), Block(32, conv_impl="xla").apply(variables, x))
+
+
+def test_kernel_result_does_not_depend_on_other_examples():
+  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 32))
+  kernel = jax.random.normal(jax.random.key(1), (7, 7, 32))
+  whole = jax.jit(depthwise.depthwise_conv7x7)(x, kernel)
+  one = jax.jit(depthwise.depthwise_conv7x7)(x[2:3], kernel)
+  np.testing.assert_array_equal(whole[2:3], one)  # bit-identical: the sums' order is per pixel
+
+
+def test_module_auto_uses_the_kernel_on_cpu_and_matches_xla():
+  x = jax.random.normal(jax.random.key(1), (2, 9, 11, 24))
+  variables = layers.DepthwiseConv7x7(24, impl="xla").init(jax.random.key(0), x)
+  variables = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(3), p.shape), variables)
+  apply = lambda impl: jax.jit(lambda v, x: layers.DepthwiseConv7x7(24, impl=impl).apply(v, x))
+  assert "faer_dw7_forward" in apply("auto").lower(variables, x).as_text()
+  _close(apply("auto")(variables, x), apply("xla")(variables, x))
+  _close(apply("kernel")(variables, x), apply("xla")(variables, x))
+
+
+def test_bfloat16_falls_back_to_shifts_and_explicit_kernel_refuses():
+  x = jnp.ones((1, 8, 8, 16), jnp.bfloat16)
+  module = layers.DepthwiseConv7x7(16, dtype=jnp.bfloat16)
+  variables = module.init(jax.random.key(0), x)
+  assert "faer_dw7" not in jax.jit(module.apply).lower(variables, x).as_text()
+  with pytest.raises(ValueError, match="float32"):
+    layers.DepthwiseConv7x7(16, impl="kernel", dtype=jnp.bfloat16).apply(variables, x)
+
+
+def test_sharded_batch_stays_local():
+  """Under a data x fsdp mesh, each device convolves its own examples: no activation is gathered."""
+  devices = np.array(jax.devices()[:8]).reshape(4, 2)
+  mesh = Mesh(devices, ("data", "fsdp"))
+  x = jax.random.normal(jax.random.key(0), (8, 9, 11, 40))
+  kernel = jax.random.normal(jax.random.key(1), (7, 7, 40))
+  loss = lambda conv: lambda x, k: jnp.sum(jnp.sin(conv(x, k)))
+  step = jax.jit(jax.value_and_grad(loss(depthwise.depthwise_conv7x7), argnums=(0, 1)))
+  xs = jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp"))))
+  ks = jax.device_put(kernel, NamedSharding(mesh, P(None, None, "fsdp")))
+  hlo = step.lower(xs, ks).compile().as_text()
+  calls = [line for line in hlo.splitlines() if "custom_call_target=\"faer_dw7" in line]
+  assert len(calls) == 3 and all("f32[1,9,11,40]" in line for line in calls), calls
+  got = step(xs, ks)
+  want = jax.jit(jax.value_and_grad(loss(_reference), argnums=(0, 1)))(x, kernel)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    _close(g, w)
+
+  # The fused conv + norm: its per-row partial sums are reduced across devices by XLA.
+  norm_params = (jnp.zeros(40), jnp.ones(40), jnp.zeros(40))
+  fused = lambda x, k, *p: depthwise.depthwise_conv7x7_norm(x, k, *p, 1e-6)
+  loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))
+  step = jax.jit(jax.value_and_grad(loss(fused), argnums=(0, 1, 2, 3, 4)))
+  hlo = step.lower(xs, ks, *norm_params).compile().as_text()
+  calls = [line for line in hlo.splitlines() if "custom_call_target=\"faer_dw7" in line]
+  assert len(calls) == 4 and all("f32[1,9,11,40]" in line for line in calls), calls
+  got = step(xs, ks, *norm_params)
+  want = jax.jit(jax.value_and_grad(loss(_conv_then_norm), argnums=(0, 1, 2, 3, 4)))(x, kernel, *norm_params)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    _close(g, w)
+
+
+def test_model_gradients_match_xla_impl():
+  model = lambda impl: create_model("test", 7, conv_impl=impl)
+  images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  params = model("xla").init(jax.random.key(1), images)["params"]
+
+  def loss(impl):
+    return jax.jit(jax.value_and_grad(lambda p: jnp.sum(model(impl).apply({"params": p}, images)[1] ** 2)))
+
+  (lk, gk), (lx, gx) = loss("kernel")(params), loss("xla")(params)
+  _close(lk, lx, rtol=1e-5)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(gk), jax.tree.leaves(gx)):
+    _close(a, b, rtol=1e-4, what=jax.tree_util.keystr(path))
+
+
+def _python(code: str, **env) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                        env={**os.environ, **env}, timeout=300, check=False)
+
+
+def test_without_the_kernels_the_model_uses_shifts(tmp_path):
+  code = """
+      import jax, jax.numpy as jnp
+      from faer_jax import kernels
+      from faer_jax.models import layers
+      x = jnp.ones((1, 8, 8, 16))
+      m = layers.DepthwiseConv7x7(16)
+      v = m.init(jax.random.key(0), x)
+      print(kernels.available(), "faer_dw7" in jax.jit(m.apply).lower(v, x).as_text())
+  """
+  disabled = _python(code, FAER_JAX_CPU_KERNELS="0")
+  assert disabled.returncode == 0, disabled.stderr
+  assert disabled.stdout.split() == ["False", "False"]
+  assert "FAER_JAX_CPU_KERNELS=0" in disabled.stderr
+  # A compiler that fails: the error names the source and the command, and nothing is cached.
+  broken = _python(code, CXX="false", FAER_JAX_KERNEL_CACHE=str(tmp_path))
+  assert broken.returncode == 0, broken.stderr
+  assert broken.stdout.split() == ["False", "False"]
+  assert "depthwise_conv.cc failed" in broken.stderr
+  assert not list(tmp_path.iterdir())
+
+
+def test_build_is_cached_and_keyed(tmp_path):
+  code = """
+      from faer_jax import kernels
+      kernels.load()
+      print(*sorted(p.name for p in kernels.cache_dir().iterdir()))
+  """
+  first = _python(code, FAER_JAX_KERNEL_CACHE=str(tmp_path))
+  assert first.returncode == 0, first.stderr
+  built = first.stdout.split()
+  assert len(built) == 1 and built[0].startswith("faer_kernels_") and built[0].endswith(".so")
+  mtime = (tmp_path / built[0]).stat().st_mtime_ns
+  second = _python(code, FAER_JAX_KERNEL_CACHE=str(tmp_path))
+  assert second.stdout.split() == built
+  assert (tmp_path / built[0]).stat().st_mtime_ns == mtime  # loaded, not rebuilt
+
+
+def test_unwritable_cache_falls_back(tmp_path):
+  blocked = tmp_path / "file"
+  blocked.write_text("not a directory")
+  code = """
+      from faer_jax import kernels
+      print(kernels.available())
+  """
+  result = _python(code, FAER_JAX_KERNEL_CACHE=str(blocked / "kernels"))
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.split() == ["False"]
+  assert "cache:" in result.stderr
