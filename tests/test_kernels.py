@@ -13,7 +13,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from faer_jax import kernels
-from faer_jax.kernels import depthwise
+from faer_jax.kernels import depthwise, grouped
 from faer_jax.models import create_model, layers
 
 RTOL = 2e-5  # relative to the largest magnitude
@@ -163,6 +163,59 @@ def test_model_gradients_match_xla_impl():
     _close(a, b, rtol=1e-4, what=jax.tree_util.keystr(path))
 
 
+# --- CC Attention's grouped conv ------------------------------------------------------
+
+def _grouped_reference(x, kernel, groups):
+  return lax.conv_general_dilated(x, kernel, (1, 1), ((3, 3), (3, 3)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                  feature_group_count=groups)
+
+
+# CC Attention's 7x7 map and smaller ones (the demo's 2x2), odd batches and shapes,
+# 16- and 32-wide output blocks, one group.
+@pytest.mark.parametrize("shape,groups,out", [((2, 7, 7, 64), 4, 64), ((5, 5, 4, 32), 2, 96),
+                                              ((1, 1, 1, 16), 1, 16), ((3, 9, 6, 128), 4, 128),
+                                              ((2, 2, 2, 64), 4, 64)])
+def test_grouped_kernel_equals_grouped_convolution(shape, groups, out):
+  ks = jax.random.split(jax.random.key(shape[0] * out), 3)
+  x = jax.random.normal(ks[0], shape)
+  kernel = jax.random.normal(ks[1], (7, 7, shape[-1] // groups, out))
+  cotangent = jax.random.normal(ks[2], shape[:3] + (out,))
+  got = jax.jit(lambda *a: _value_and_grads(lambda x, k: grouped.grouped_conv7x7(x, k, groups), *a))(
+      x, kernel, cotangent)
+  want = _value_and_grads(lambda x, k: _grouped_reference(x, k, groups), x, kernel, cotangent)
+  for g, w, what in zip(got, want, ("value", "input gradient", "kernel gradient")):
+    _close(g, w, what=what)
+
+
+def test_grouped_conv_module_picks_the_kernel_where_it_applies():
+  x = jax.random.normal(jax.random.key(0), (2, 7, 7, 64))
+  module = lambda impl, features=64: layers.GroupedConv(features, 7, groups=4, impl=impl)
+  variables = module("xla").init(jax.random.key(1), x)
+  lowered = lambda m, v: jax.jit(m.apply).lower(v, x).as_text()
+  assert "faer_gconv7_forward" in lowered(module("auto"), variables)
+  _close(jax.jit(module("auto").apply)(variables, x), module("xla").apply(variables, x))
+  # 8 output channels per group is not a multiple of 16: four dense convs instead.
+  narrow = module("auto", 32).init(jax.random.key(1), x)
+  assert "faer_gconv7" not in lowered(module("auto", 32), narrow)
+
+
+def test_grouped_kernel_gradient_is_summed_across_devices():
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "fsdp"))
+  x = jax.random.normal(jax.random.key(0), (8, 7, 7, 64))
+  kernel = jax.random.normal(jax.random.key(1), (7, 7, 16, 64))
+  loss = lambda conv: lambda x, k: jnp.sum(jnp.sin(conv(x, k, 4)))
+  step = jax.jit(jax.value_and_grad(loss(grouped.grouped_conv7x7), argnums=(0, 1)))
+  xs = jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp"))))
+  ks = jax.device_put(kernel, NamedSharding(mesh, P(None, None, None, "fsdp")))
+  hlo = step.lower(xs, ks).compile().as_text()
+  calls = [line for line in hlo.splitlines() if "custom_call_target=\"faer_gconv7" in line]
+  assert len(calls) == 3 and all("f32[1,7,7,64]" in line for line in calls), calls
+  got = step(xs, ks)
+  want = jax.jit(jax.value_and_grad(loss(_grouped_reference), argnums=(0, 1)))(x, kernel)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    _close(g, w)
+
+
 def _python(code: str, **env) -> subprocess.CompletedProcess:
   return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
                         env={**os.environ, **env}, timeout=300, check=False)
@@ -186,7 +239,7 @@ def test_without_the_kernels_the_model_uses_shifts(tmp_path):
   broken = _python(code, CXX="false", FAER_JAX_KERNEL_CACHE=str(tmp_path))
   assert broken.returncode == 0, broken.stderr
   assert broken.stdout.split() == ["False", "False"]
-  assert "depthwise_conv.cc failed" in broken.stderr
+  assert "depthwise_conv.cc, grouped_conv.cc failed" in broken.stderr
   assert not list(tmp_path.iterdir())
 
 

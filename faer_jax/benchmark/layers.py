@@ -22,7 +22,7 @@ from typing import Sequence
 from faer_jax.benchmark import threads
 
 # The implementations of each kind of convolution in faer_jax.models.layers.
-_IMPLS = {"depthwise": ("xla", "shift", "kernel"), "grouped": ("xla", "split")}
+_IMPLS = {"depthwise": ("xla", "shift", "kernel"), "grouped": ("xla", "split", "kernel")}
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from faer_jax import cpu_memory
 from faer_jax.benchmark import threads
 
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-3, (0.9, 0.999), 1e-8, 0.01
@@ -39,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--image-size", type=int, default=224)
   p.add_argument("--num-classes", type=int, default=7)
   p.add_argument("--steps", type=int, default=3, help="Timed rounds; the median is reported.")
-  p.add_argument("--warmup", type=int, default=1, help="Untimed rounds after compilation.")
+  p.add_argument("--warmup", type=int, default=2,
+                 help="Untimed rounds after compilation (the allocators settle over the first rounds).")
   p.add_argument("--framework", choices=("jax", "torch", "both"), default="jax")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                  help="Compute dtype (parameters stay float32; torch uses autocast).")
@@ -52,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                  help="'cpu' times with the process's CPU time: with --threads 1 on a machine shared with "
                       "other jobs, it counts this process's work and not its waits.")
+  p.add_argument("--malloc", choices=("keep", "system"), default="keep",
+                 help="'keep': glibc keeps freed memory for reuse (faer_jax.cpu_memory; both frameworks, "
+                      "one process); 'system': glibc's defaults, every step faults in fresh pages.")
   p.add_argument("--skip-eval", action="store_true", help="Time the training step only.")
   p.add_argument("--skip-train", action="store_true", help="Time the eval forward only.")
   p.add_argument("--json", action="store_true", help="Print one JSON object instead of a table.")
@@ -190,6 +195,7 @@ def run(args: argparse.Namespace) -> dict:
   applied = threads.limit_threads(args.threads)  # before jax and torch load
   from faer_jax.benchmark.flops import peak_flops  # pylint: disable=g-import-not-at-top
 
+  keeps_memory = args.malloc == "keep" and cpu_memory.keep_freed_memory()
   phases = [p for p, skip in (("train", args.skip_train), ("eval", args.skip_eval)) if not skip]
   benches = {}
   if args.framework in ("jax", "both"):
@@ -203,6 +209,7 @@ def run(args: argparse.Namespace) -> dict:
   result = {
       "variant": args.variant, "batch_size": args.batch_size, "image_size": args.image_size,
       "dtype": args.dtype, "steps": args.steps, **applied, "clock": args.clock, "cpu": _cpu_name(),
+      "malloc_keeps_freed_memory": keeps_memory,
       # Other jobs on the machine: the 1-minute load average before and after the timed rounds.
       "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
   }

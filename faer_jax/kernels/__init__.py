@@ -28,9 +28,12 @@ import tempfile
 
 import jax
 
-_SOURCE = pathlib.Path(__file__).with_name("depthwise_conv.cc")
+_HERE = pathlib.Path(__file__).parent
+_SOURCES = (_HERE / "depthwise_conv.cc", _HERE / "grouped_conv.cc")
+_HEADERS = (_HERE / "common.h",)
 _TARGETS = {"faer_dw7_forward": "FaerDw7Forward", "faer_dw7_kernel_grad": "FaerDw7KernelGrad",
-            "faer_dw7_norm_forward": "FaerDw7NormForward", "faer_dw7_norm_backward": "FaerDw7NormBackward"}
+            "faer_dw7_norm_forward": "FaerDw7NormForward", "faer_dw7_norm_backward": "FaerDw7NormBackward",
+            "faer_gconv7_forward": "FaerGconv7Forward", "faer_gconv7_kernel_grad": "FaerGconv7KernelGrad"}
 
 
 class KernelUnavailable(RuntimeError):
@@ -67,7 +70,7 @@ _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 def _build(cxx: str) -> pathlib.Path:
   version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
   key = hashlib.sha256(b"\0".join(s.encode() for s in (
-      _SOURCE.read_text(), version, " ".join(_FLAGS), jax.ffi.include_dir(), jax.__version__,
+      *(f.read_text() for f in _SOURCES + _HEADERS), version, " ".join(_FLAGS), jax.ffi.include_dir(), jax.__version__,
       _cpu_flags()))).hexdigest()[:16]
   target = cache_dir() / f"faer_kernels_{key}.so"
   if target.exists():
@@ -76,11 +79,12 @@ def _build(cxx: str) -> pathlib.Path:
   # Build beside the target and rename: processes building at once never see half a file.
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
   os.close(fd)
-  cmd = [cxx, *_FLAGS, "-I", jax.ffi.include_dir(), str(_SOURCE), "-o", tmp]
+  cmd = [cxx, *_FLAGS, "-I", jax.ffi.include_dir(), *map(str, _SOURCES), "-o", tmp]
   result = subprocess.run(cmd, capture_output=True, text=True, check=False)
   if result.returncode != 0:
     os.unlink(tmp)
-    raise KernelUnavailable(f"building {_SOURCE.name} failed ({' '.join(cmd)}):\n{result.stderr[-2000:]}")
+    raise KernelUnavailable(f"building {', '.join(f.name for f in _SOURCES)} failed ({' '.join(cmd)}):\n"
+                            f"{result.stderr[-2000:]}")
   os.replace(tmp, target)
   logging.info("Built the CPU kernels into %s", target)
   return target

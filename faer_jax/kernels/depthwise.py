@@ -22,73 +22,35 @@ import functools
 import jax
 import numpy as np
 import jax.numpy as jnp
-from jax.experimental.custom_partitioning import custom_partitioning
-from jax.sharding import NamedSharding, PartitionSpec as P
+
+from faer_jax.kernels.partition import batch_parallel
 
 _F32 = jnp.float32
-
-
-def _batch_parallel(fn, rule: str, num_static: int = 0):
-  """`fn` under custom_partitioning: each device runs it on its slice of the batch axis `n`.
-
-  `rule` names every array operand's and result's axes (Shardy's einsum-like
-  notation); the batch axis is the leading `n` wherever it appears, every other
-  axis is replicated. The last `num_static` arguments of `fn` are static.
-  """
-  operands, results = (side.split(",") for side in rule.split("->"))
-  batched = lambda axes: [a.split()[:1] == ["n"] for a in axes]
-  operand_batched, result_batched = batched(operands), batched(results)
-  # Every factor but the batch, in order of first appearance (Shardy wants them sorted so).
-  factors = [f for f in dict.fromkeys(f for axes in operands + results for f in axes.split()) if f != "n"]
-  static = tuple(range(len(operands), len(operands) + num_static))
-  wrapped = custom_partitioning(fn, static_argnums=static)
-
-  def shardings(mesh, arg_shapes):
-    spec = tuple(getattr(arg_shapes[0].sharding, "spec", ()))
-    batch = spec[0] if spec else None
-    make = lambda is_batched, rank: NamedSharding(mesh, P(batch if is_batched else None, *[None] * (rank - 1)))
-    args = tuple(make(b, len(a.shape)) for b, a in zip(operand_batched, arg_shapes))
-    outs = tuple(make(b, len(axes.split())) for b, axes in zip(result_batched, results))
-    return (outs if len(outs) > 1 else outs[0]), args
-
-  # Both callbacks get the static arguments first, then (mesh, arg_shapes, result_shape).
-  def infer(*args):
-    mesh, arg_shapes, _ = args[-3:]
-    return shardings(mesh, arg_shapes)[0]
-
-  def partition(*args):
-    statics, (mesh, arg_shapes, _) = args[:-3], args[-3:]
-    outs, arg_shardings = shardings(mesh, arg_shapes)
-    return mesh, lambda *arrays: fn(*arrays, *statics), outs, arg_shardings
-
-  wrapped.def_partition(partition=partition, infer_sharding_from_operands=infer, sharding_rule=rule,
-                        need_replication_factors=tuple(factors))
-  return wrapped
 
 
 def _struct(shape):
   return jax.ShapeDtypeStruct(shape, _F32)
 
 
-@functools.partial(_batch_parallel, rule="n h w c, i j c -> n h w c")
+@functools.partial(batch_parallel, rule="n h w c, i j c -> n h w c")
 def _forward(x, kernel):
   return jax.ffi.ffi_call("faer_dw7_forward", _struct(x.shape))(x, kernel)
 
 
-@functools.partial(_batch_parallel, rule="n h w c, n h w c -> n i j c")
+@functools.partial(batch_parallel, rule="n h w c, n h w c -> n i j c")
 def _kernel_grad(x, g):
   n, _, _, c = x.shape
   return jax.ffi.ffi_call("faer_dw7_kernel_grad", _struct((n, 7, 7, c)))(x, g)
 
 
-@functools.partial(_batch_parallel, rule="n h w c, i j c, c, c, c -> n h w c, n h w, n h w", num_static=1)
+@functools.partial(batch_parallel, rule="n h w c, i j c, c, c, c -> n h w c, n h w, n h w", num_static=1)
 def _norm_forward(x, kernel, bias, scale, shift, eps):
   stats = _struct(x.shape[:3])
   return jax.ffi.ffi_call("faer_dw7_norm_forward", (_struct(x.shape), stats, stats))(
       x, kernel, bias, scale, shift, eps=np.float32(eps))
 
 
-@functools.partial(_batch_parallel, rule="n h w c, i j c, c, c, n h w, n h w, n h w c -> n h w c, n h k c")
+@functools.partial(batch_parallel, rule="n h w c, i j c, c, c, n h w, n h w, n h w c -> n h w c, n h k c")
 def _norm_backward(x, kernel, bias, scale, mean, rstd, dz):
   n, h, _, c = x.shape
   return jax.ffi.ffi_call("faer_dw7_norm_backward", (_struct(x.shape), _struct((n, h, 3, c))))(

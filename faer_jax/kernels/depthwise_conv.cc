@@ -18,57 +18,14 @@
 // Built at first use by faer_jax/kernels/__init__.py.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
-#include <functional>
-#include <memory>
-#include <thread>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
+#include "common.h"
 
-namespace ffi = xla::ffi;
-
+namespace faer {
 namespace {
-
-constexpr int K = 7;    // kernel size
-constexpr int P = 3;    // padding
-constexpr int V = 16;   // channels per vector
-
-typedef float vec __attribute__((vector_size(V * sizeof(float)), aligned(4)));
-
-inline vec load(const float* p) {
-  vec v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof(v)); }
-
-// Runs fn(0..n-1) on the caller and on XLA's intra-op threads. Tasks are
-// claimed from a shared counter; the caller waits only for helpers that have
-// started, so it never waits on a task the pool has not run (the pool may be
-// busy, or be the caller's own thread).
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, const std::function<void(int64_t)>& fn) {
-  struct State {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> active{0};
-  };
-  auto state = std::make_shared<State>();
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
-  const std::function<void(int64_t)>* body = &fn;
-  const int64_t total = n;
-  for (int64_t t = 0; t < helpers; ++t) {
-    pool.Schedule([state, body, total]() {
-      state->active.fetch_add(1);
-      for (int64_t i = state->next.fetch_add(1); i < total; i = state->next.fetch_add(1)) (*body)(i);
-      state->active.fetch_sub(1);
-    });
-  }
-  for (int64_t i = state->next.fetch_add(1); i < total; i = state->next.fetch_add(1)) fn(i);
-  while (state->active.load() != 0) std::this_thread::yield();
-}
 
 // Valid kernel offsets for output position `o` on an axis of length `len`.
 inline int first_tap(int o) { return std::max(0, P - o); }
@@ -325,6 +282,12 @@ ffi::Error NormBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
 }
 
 }  // namespace
+}  // namespace faer
+
+using faer::Forward;
+using faer::KernelGrad;
+using faer::NormBackward;
+using faer::NormForward;
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FaerDw7Forward, Forward,
                               ffi::Ffi::Bind()

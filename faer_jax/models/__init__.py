@@ -28,8 +28,9 @@ def create_model(variant: str, num_classes: int, *, drop_path_rate: float = 0.0,
     layer_scale_init_value: initial gamma of every block (0 disables layer scale).
     head_init_scale: multiplies the head's initial weights.
     dtype: computation dtype (parameters are always float32), e.g. jnp.bfloat16.
-    conv_impl: 'auto' | 'xla' | 'shift' | 'kernel': the depthwise conv's implementation
-      (layers.DepthwiseConv7x7); on CPU every value but 'xla' also splits CC Attention's grouped conv.
+    conv_impl: 'auto' | 'xla' | 'shift' | 'kernel': the convolutions' implementation
+      (layers.DepthwiseConv7x7, layers.GroupedConv): 'kernel' the C++ CPU kernels, 'shift' the
+      pure-XLA CPU forms, 'xla' XLA's native convolutions, 'auto' the best for the backend.
   """
   spec = get_variant(variant)
   return FAER(num_classes=num_classes, depths=spec.depths, dims=spec.dims, drop_path_rate=drop_path_rate,

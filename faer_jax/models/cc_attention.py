@@ -26,9 +26,10 @@ Dtype = Any
 class CCAttention(nn.Module):
   """CC Attention over the last stage's map; `conv_impl` picks the grouped conv's implementation.
 
-  'auto' (the default) runs the groups-4 conv as four dense convs on CPU and as
-  one grouped conv elsewhere (see layers.GroupedConv); the parameters and the
-  numbers are the same either way.
+  'auto' (the default) runs the groups-4 conv through a C++ kernel on CPU
+  (four dense convs where it does not apply) and as one grouped conv
+  elsewhere (see layers.GroupedConv); the parameters and the numbers are the
+  same either way.
   """
 
   dim: int

@@ -1,0 +1,205 @@
+// CC Attention's 7x7 grouped convolution (stride 1, zero padding 3, NHWC,
+// float32) for XLA:CPU: the forward and the kernel gradient. The input
+// gradient is the forward of the output gradient with the kernel flipped and
+// its in/out channels swapped (built by the caller).
+//
+// CC Attention runs this conv on the last stage's small map (7x7 at 224 px),
+// where most taps of a 7x7 kernel fall on the zero padding: rows of taps that
+// are all padding are skipped. XLA:CPU instead runs a grouped conv as dense
+// ones over the padded input (see faer_jax.models.layers.GroupedConv).
+//
+//   faer_gconv7_forward      y[n,h,w,g*O+o]  = sum_{i,j,c} x[n,h+i-3,w+j-3,g*I+c] * k[i,j,c,g*O+o]
+//   faer_gconv7_kernel_grad  dk[i,j,c,g*O+o] = sum_{n,h,w} x[n,h+i-3,w+j-3,g*I+c] * dy[n,h,w,g*O+o]
+//                            (over this call's batch; the caller sums over devices)
+//
+// x: (N, H, W, G*I), k: (7, 7, I, G*O) as flax's nn.Conv stores it; O must be
+// a multiple of 16. Sums run in a fixed order, whatever the thread count.
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "common.h"
+
+namespace faer {
+namespace {
+
+// The forward as a matrix product per tap: for each output position (h, w)
+// where tap (i, j) lands inside the input, acc[(h, w, n), o] += x[n, h+i-3,
+// w+j-3, g*I + c] * k[i, j, c, g*O + o]. Pixels are ordered (h, w, n), so a
+// register tile of TN examples at one position shares the tap's validity and
+// the padding is skipped exactly; a block of CB input channels x TV*16 output
+// channels of the kernel stays in L1 while every position streams past it.
+constexpr int CB = 64;
+
+template <int TN, int TV>
+void ForwardTile(const float* x, int64_t x_example, int64_t x_pixel, const float* k, int64_t k_row, int cn,
+                 float* acc_out) {
+  vec acc[TN][TV];
+  for (int p = 0; p < TN; ++p)
+    for (int v = 0; v < TV; ++v) acc[p][v] = load(acc_out + (p * TV + v) * V);
+  for (int c = 0; c < cn; ++c) {
+    vec kv[TV];
+    for (int v = 0; v < TV; ++v) kv[v] = load(k + c * k_row + v * V);
+    for (int p = 0; p < TN; ++p) {
+      const float xs = x[p * x_example + c];
+      for (int v = 0; v < TV; ++v) acc[p][v] += kv[v] * xs;
+    }
+  }
+  (void)x_pixel;
+  for (int p = 0; p < TN; ++p)
+    for (int v = 0; v < TV; ++v) store(acc_out + (p * TV + v) * V, acc[p][v]);
+}
+
+template <int TV>
+void ForwardBlock(const float* x, int64_t N, int H, int W, int C, const float* k, int64_t k_row, int cn, int i,
+                  int j, float* acc) {
+  // acc: (H, W, N, TV*V) for this output block; x points at channel g*I + c0 of example 0.
+  const int h0 = std::max(0, P - i), h1 = std::min(H - 1, H - 1 + P - i);
+  const int w0 = std::max(0, P - j), w1 = std::min(W - 1, W - 1 + P - j);
+  const int64_t x_example = (int64_t)H * W * C;
+  for (int h = h0; h <= h1; ++h)
+    for (int w = w0; w <= w1; ++w) {
+      const float* xp = x + ((int64_t)(h + i - P) * W + (w + j - P)) * C;
+      float* ap = acc + ((int64_t)h * W + w) * N * TV * V;
+      int64_t n = 0;
+      for (; n + 4 <= N; n += 4) ForwardTile<4, TV>(xp + n * x_example, x_example, C, k, k_row, cn, ap + n * TV * V);
+      switch (N - n) {
+        case 3: ForwardTile<3, TV>(xp + n * x_example, x_example, C, k, k_row, cn, ap + n * TV * V); break;
+        case 2: ForwardTile<2, TV>(xp + n * x_example, x_example, C, k, k_row, cn, ap + n * TV * V); break;
+        case 1: ForwardTile<1, TV>(xp + n * x_example, x_example, C, k, k_row, cn, ap + n * TV * V); break;
+        default: break;
+      }
+    }
+}
+
+thread_local std::vector<float> accumulator;
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k, int64_t groups,
+                   ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions();
+  auto kd = k.dimensions();
+  if (xd.size() != 4 || kd.size() != 4 || kd[0] != K || kd[1] != K || groups <= 0 || xd[3] != kd[2] * groups ||
+      kd[3] % groups != 0 || (kd[3] / groups) % V != 0)
+    return ffi::Error::InvalidArgument("faer_gconv7: expected x (N,H,W,G*I), kernel (7,7,I,G*O), O % 16 == 0");
+  const int64_t N = xd[0];
+  const int H = xd[1], W = xd[2], C = xd[3];
+  const int I = kd[2], G = groups, CO = kd[3], O = CO / G;
+  const int oblocks = (O + 2 * V - 1) / (2 * V);
+  const float* xp = x.typed_data();
+  const float* kp = k.typed_data();
+  float* yp = y->typed_data();
+  // One task per (group, block of 32 (or 16) output channels).
+  ParallelFor(pool, (int64_t)G * oblocks, [&](int64_t t) {
+    const int g = (int)(t / oblocks);
+    const int o0 = (int)(t % oblocks) * 2 * V;
+    const int tv = std::min(2, (O - o0) / V);
+    const int64_t size = N * H * W * tv * V;
+    if ((int64_t)accumulator.size() < size) accumulator.resize(size);
+    float* acc = accumulator.data();
+    std::fill(acc, acc + size, 0.f);
+    for (int i = 0; i < K; ++i)
+      for (int j = 0; j < K; ++j)
+        for (int c0 = 0; c0 < I; c0 += CB) {
+          const float* kb = kp + ((int64_t)(i * K + j) * I + c0) * CO + (int64_t)g * O + o0;
+          const float* xb = xp + (int64_t)g * I + c0;
+          const int cn = std::min(CB, I - c0);
+          if (tv == 2) ForwardBlock<2>(xb, N, H, W, C, kb, CO, cn, i, j, acc);
+          else ForwardBlock<1>(xb, N, H, W, C, kb, CO, cn, i, j, acc);
+        }
+    for (int h = 0; h < H; ++h)
+      for (int w = 0; w < W; ++w)
+        for (int64_t n = 0; n < N; ++n)
+          std::copy_n(acc + (((int64_t)h * W + w) * N + n) * tv * V, tv * V,
+                      yp + ((n * H + h) * W + w) * CO + (int64_t)g * O + o0);
+  });
+  return ffi::Error::Success();
+}
+
+// dk[i, j, c0:c0+TC, g*O + o : +TV*V] for one tap (i, j): a register tile of
+// TC input channels x TV output vectors, summed over the batch and the
+// positions where the tap is inside the input.
+template <int TC, int TV>
+void KernelGradTile(const float* x, const float* dy, int64_t N, int H, int W, int C, int CO, int i, int j,
+                    int c0, int o0, float* dk) {
+  vec acc[TC][TV] = {};
+  const int h0 = std::max(0, P - i), h1 = std::min(H - 1, H - 1 + P - i);
+  const int w0 = std::max(0, P - j), w1 = std::min(W - 1, W - 1 + P - j);
+  for (int64_t n = 0; n < N; ++n)
+    for (int h = h0; h <= h1; ++h)
+      for (int w = w0; w <= w1; ++w) {
+        const float* gp = dy + ((n * H + h) * W + w) * CO + o0;
+        const float* xr = x + ((n * H + h + i - P) * W + (w + j - P)) * C + c0;
+        vec gv[TV];
+        for (int v = 0; v < TV; ++v) gv[v] = load(gp + v * V);
+        for (int c = 0; c < TC; ++c) {
+          const float xs = xr[c];
+          for (int v = 0; v < TV; ++v) acc[c][v] += gv[v] * xs;
+        }
+      }
+  for (int c = 0; c < TC; ++c)
+    for (int v = 0; v < TV; ++v) store(dk + (int64_t)c * CO + v * V, acc[c][v]);
+}
+
+template <int TV>
+void KernelGradBlock(const float* x, const float* dy, int64_t N, int H, int W, int C, int CO, int i, int j,
+                     int c0, int tc, int o0, float* dk) {
+  switch (tc) {
+    case 4: KernelGradTile<4, TV>(x, dy, N, H, W, C, CO, i, j, c0, o0, dk); break;
+    case 3: KernelGradTile<3, TV>(x, dy, N, H, W, C, CO, i, j, c0, o0, dk); break;
+    case 2: KernelGradTile<2, TV>(x, dy, N, H, W, C, CO, i, j, c0, o0, dk); break;
+    default: KernelGradTile<1, TV>(x, dy, N, H, W, C, CO, i, j, c0, o0, dk); break;
+  }
+}
+
+ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, int64_t groups,
+                      ffi::ResultBuffer<ffi::F32> dk) {
+  auto xd = x.dimensions();
+  auto gd = dy.dimensions();
+  auto kd = dk->dimensions();
+  if (xd.size() != 4 || gd.size() != 4 || kd.size() != 4 || xd[0] != gd[0] || xd[1] != gd[1] ||
+      xd[2] != gd[2] || groups <= 0 || xd[3] != kd[2] * groups || gd[3] != kd[3] || kd[0] != K || kd[1] != K ||
+      (kd[3] / groups) % V != 0)
+    return ffi::Error::InvalidArgument("faer_gconv7: expected x (N,H,W,G*I), dy (N,H,W,G*O), O % 16 == 0");
+  const int64_t N = xd[0];
+  const int H = xd[1], W = xd[2], C = xd[3];
+  const int I = kd[2], G = groups, CO = kd[3], O = CO / G;
+  const float* xp = x.typed_data();
+  const float* gp = dy.typed_data();
+  float* kp = dk->typed_data();
+  constexpr int TC = 4;
+  const int cblocks = (I + TC - 1) / TC;
+  // One task per (tap, group, block of TC input channels): it owns its output.
+  ParallelFor(pool, (int64_t)K * K * G * cblocks, [&](int64_t t) {
+    const int cb = (int)(t % cblocks);
+    const int g = (int)(t / cblocks % G);
+    const int tap = (int)(t / cblocks / G);
+    const int i = tap / K, j = tap % K;
+    const int c = cb * TC, tc = std::min(TC, I - c);
+    float* out = kp + ((int64_t)tap * I + c) * CO + (int64_t)g * O;
+    int o = 0;
+    for (; o + 2 * V <= O; o += 2 * V)
+      KernelGradBlock<2>(xp, gp, N, H, W, C, CO, i, j, g * I + c, tc, g * O + o, out + o);
+    if (o < O) KernelGradBlock<1>(xp, gp, N, H, W, C, CO, i, j, g * I + c, tc, g * O + o, out + o);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace faer
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FaerGconv7Forward, faer::Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // kernel
+                                  .Attr<int64_t>("groups")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FaerGconv7KernelGrad, faer::KernelGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dy
+                                  .Attr<int64_t>("groups")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
