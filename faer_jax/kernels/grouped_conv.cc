@@ -4,9 +4,9 @@
 // its in/out channels swapped (built by the caller).
 //
 // CC Attention runs this conv on the last stage's small map (7x7 at 224 px),
-// where most taps of a 7x7 kernel fall on the zero padding: rows of taps that
-// are all padding are skipped. XLA:CPU instead runs a grouped conv as dense
-// ones over the padded input (see faer_jax.models.layers.GroupedConv).
+// where 43 % of a 7x7 kernel's taps fall on the zero padding; these kernels
+// skip them exactly. XLA:CPU instead runs a grouped conv as dense ones over the
+// padded input (see faer_jax.models.layers.GroupedConv).
 //
 //   faer_gconv7_forward      y[n,h,w,g*O+o]  = sum_{i,j,c} x[n,h+i-3,w+j-3,g*I+c] * k[i,j,c,g*O+o]
 //   faer_gconv7_kernel_grad  dk[i,j,c,g*O+o] = sum_{n,h,w} x[n,h+i-3,w+j-3,g*I+c] * dy[n,h,w,g*O+o]
@@ -33,8 +33,7 @@ namespace {
 constexpr int CB = 64;
 
 template <int TN, int TV>
-void ForwardTile(const float* x, int64_t x_example, int64_t x_pixel, const float* k, int64_t k_row, int cn,
-                 float* acc_out) {
+void ForwardTile(const float* x, int64_t x_example, const float* k, int64_t k_row, int cn, float* acc_out) {
   vec acc[TN][TV];
   for (int p = 0; p < TN; ++p)
     for (int v = 0; v < TV; ++v) acc[p][v] = load(acc_out + (p * TV + v) * V);
@@ -46,7 +45,6 @@ void ForwardTile(const float* x, int64_t x_example, int64_t x_pixel, const float
       for (int v = 0; v < TV; ++v) acc[p][v] += kv[v] * xs;
     }
   }
-  (void)x_pixel;
   for (int p = 0; p < TN; ++p)
     for (int v = 0; v < TV; ++v) store(acc_out + (p * TV + v) * V, acc[p][v]);
 }
@@ -63,11 +61,11 @@ void ForwardBlock(const float* x, int64_t N, int H, int W, int C, const float* k
       const float* xp = x + ((int64_t)(h + i - P) * W + (w + j - P)) * C;
       float* ap = acc + ((int64_t)h * W + w) * N * TV * V;
       int64_t n = 0;
-      for (; n + 4 <= N; n += 4) ForwardTile<4, TV>(xp + n * x_example, x_example, C, k, k_row, cn, ap + n * TV * V);
+      for (; n + 4 <= N; n += 4) ForwardTile<4, TV>(xp + n * x_example, x_example, k, k_row, cn, ap + n * TV * V);
       switch (N - n) {
-        case 3: ForwardTile<3, TV>(xp + n * x_example, x_example, C, k, k_row, cn, ap + n * TV * V); break;
-        case 2: ForwardTile<2, TV>(xp + n * x_example, x_example, C, k, k_row, cn, ap + n * TV * V); break;
-        case 1: ForwardTile<1, TV>(xp + n * x_example, x_example, C, k, k_row, cn, ap + n * TV * V); break;
+        case 3: ForwardTile<3, TV>(xp + n * x_example, x_example, k, k_row, cn, ap + n * TV * V); break;
+        case 2: ForwardTile<2, TV>(xp + n * x_example, x_example, k, k_row, cn, ap + n * TV * V); break;
+        case 1: ForwardTile<1, TV>(xp + n * x_example, x_example, k, k_row, cn, ap + n * TV * V); break;
         default: break;
       }
     }
