@@ -1,6 +1,18 @@
-"""custom_partitioning for the CPU kernels: every call runs on each device's own slice of the batch."""
+"""How the CPU kernels compose with sharding and vmap: every call works on its slice of the batch.
+
+`batch_parallel(fn, rule)` wraps a kernel call `fn` so that
+* under jit with sharded inputs, each device runs it on its own examples
+  (custom_partitioning), instead of XLA gathering the operands onto every
+  device;
+* under jax.vmap, the mapped axis is folded into the batch axis and the
+  kernel runs once on the larger batch (custom_vmap); where that is not the
+  same function (a batched parameter, a result summed over the batch) it runs
+  once per mapped element instead (lax.map). custom_partitioning alone has no
+  batching rule.
+"""
 
 import jax
+import jax.numpy as jnp
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -53,4 +65,33 @@ def batch_parallel(fn, rule: str, num_static: int = 0, batch_sum: bool = False):
   wrapped.def_partition(partition=partition, infer_sharding_from_operands=infer, sharding_rule=rule,
                         reduction_factors=("n",) if batch_sum else (),
                         need_replication_factors=tuple(factors))
-  return wrapped
+
+  def call(*args):
+    arrays, statics = args[:len(operands)], args[len(operands):]
+    op = jax.custom_batching.custom_vmap(lambda *arrays: wrapped(*arrays, *statics))
+
+    @op.def_vmap
+    def _vmap(axis_size, in_batched, *arrays):  # batched arrays carry the mapped axis first
+      out_tree = jax.tree.structure(jax.eval_shape(lambda: op(*[a[0] if b else a for a, b in
+                                                                zip(arrays, in_batched)])))
+      params_batched = any(b and not nb for b, nb in zip(in_batched, operand_batched))
+      if not params_batched and not batch_sum:
+        # Fold (mapped, n) into one batch axis: the same sums per example.
+        folded = []
+        for a, b, nb in zip(arrays, in_batched, operand_batched):
+          if nb:
+            a = a if b else jnp.broadcast_to(a, (axis_size,) + a.shape)
+            a = a.reshape((-1,) + a.shape[2:])
+          folded.append(a)
+        out = op(*folded)
+        out = jax.tree.map(lambda r: r.reshape((axis_size, -1) + r.shape[1:]), out)
+      else:
+        def one(sliced):
+          it = iter(sliced)
+          return op(*[next(it) if b else a for a, b in zip(arrays, in_batched)])
+        out = jax.lax.map(one, [a for a, b in zip(arrays, in_batched) if b])
+      return out, jax.tree.unflatten(out_tree, [True] * out_tree.num_leaves)
+
+    return op(*arrays)
+
+  return call
