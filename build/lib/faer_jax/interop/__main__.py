@@ -1,5 +1,0 @@
-import sys
-
-from faer_jax.interop.cli import main
-
-sys.exit(main())
