@@ -69,9 +69,9 @@ _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 
 def _build(cxx: str) -> pathlib.Path:
   version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
-  key = hashlib.sha256(b"\0".join(s.encode() for s in (
-      *(f.read_text() for f in _SOURCES + _HEADERS), version, " ".join(_FLAGS), jax.ffi.include_dir(), jax.__version__,
-      _cpu_flags()))).hexdigest()[:16]
+  parts = (*(f.read_text() for f in _SOURCES + _HEADERS), version, " ".join(_FLAGS), jax.ffi.include_dir(),
+           jax.__version__, _cpu_flags())
+  key = hashlib.sha256(b"\0".join(p.encode() for p in parts)).hexdigest()[:16]
   target = cache_dir() / f"faer_kernels_{key}.so"
   if target.exists():
     return target
@@ -109,6 +109,6 @@ def available() -> bool:
   try:
     load()
   except KernelUnavailable as e:
-    logging.warning("faer_jax CPU kernels unavailable, using the pure-XLA depthwise conv: %s", e)
+    logging.warning("faer_jax CPU kernels unavailable, using the pure-XLA convolutions: %s", e)
     return False
   return True

@@ -20,8 +20,8 @@ being gathered onto every device.
 import functools
 
 import jax
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 
 from faer_jax.kernels.partition import batch_parallel
 

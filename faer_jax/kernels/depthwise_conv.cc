@@ -8,12 +8,14 @@
 // partial sums in registers and skip the zero padding, like the direct
 // convolutions oneDNN runs for PyTorch.
 //
-// Three XLA FFI handlers (jax.ffi), each over a batch of N examples:
-//   faer_dw7_forward      y[n,h,w,c]    = sum_ij x[n,h+i-3,w+j-3,c] * k[i,j,c]
-//   faer_dw7_input_grad   the same with the kernel flipped (called with k[::-1, ::-1])
-//   faer_dw7_kernel_grad  dk[n,i,j,c]   = sum_hw x[n,h+i-3,w+j-3,c] * g[n,h,w,c]
-//                         (per example; the caller sums over n, so the batch
-//                         axis can be sharded like any other)
+// Four XLA FFI handlers (jax.ffi), each over a batch of N examples:
+//   faer_dw7_forward        y[n,h,w,c]  = sum_ij x[n,h+i-3,w+j-3,c] * k[i,j,c]
+//                           (also the input gradient, called with k[::-1, ::-1])
+//   faer_dw7_kernel_grad    dk[n,i,j,c] = sum_hw x[n,h+i-3,w+j-3,c] * g[n,h,w,c]
+//                           (per example; the caller sums over n, so the batch
+//                           axis can be sharded like any other)
+//   faer_dw7_norm_forward   LayerNorm over c of y + bias, with each pixel's mean and 1/std
+//   faer_dw7_norm_backward  its gradient at y, and per-row partial sums for the parameters
 // Sums run in a fixed order that does not depend on the thread count.
 // Built at first use by faer_jax/kernels/__init__.py.
 
