@@ -23,8 +23,8 @@ def batch_parallel(fn, rule: str, num_static: int = 0, batch_sum: bool = False):
   `rule` names every array operand's and result's axes (Shardy's einsum-like
   notation); the batch axis is the leading `n` wherever it appears, every other
   axis is replicated. The last `num_static` arguments of `fn` are static.
-  With `batch_sum`, `fn`'s results are sums over the batch (no `n` among
-  their axes): each device sums its own examples and the partial results are
+  With `batch_sum`, `fn`'s results without `n` among their axes are sums over
+  the batch: each device sums its own examples and the partial results are
   added across the devices that hold the batch (psum), leaving them replicated.
   """
   operands, results = (side.split(",") for side in rule.split("->"))
@@ -57,13 +57,18 @@ def batch_parallel(fn, rule: str, num_static: int = 0, batch_sum: bool = False):
     def lower(*arrays):
       result = fn(*arrays, *statics)
       if batch_sum and batch_axes is not None:
-        result = jax.lax.psum(result, batch_axes)
+        flat = result if isinstance(result, (tuple, list)) else (result,)
+        flat = [r if b else jax.lax.psum(r, batch_axes) for r, b in zip(flat, result_batched)]
+        result = type(result)(flat) if isinstance(result, (tuple, list)) else flat[0]
       return result
 
     return mesh, lower, outs, arg_shardings
 
+  # Shardy declares a factor a reduction only if no result keeps it; where some
+  # results keep the batch (an input gradient beside summed weight gradients)
+  # the partition callback above still places every operand and result.
   wrapped.def_partition(partition=partition, infer_sharding_from_operands=infer, sharding_rule=rule,
-                        reduction_factors=("n",) if batch_sum else (),
+                        reduction_factors=("n",) if batch_sum and not any(result_batched) else (),
                         need_replication_factors=tuple(factors))
 
   def call(*args):

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from faer_jax.kernels import mlp as kernel_mlp
 from faer_jax.models import layers
 
 Dtype = Any
@@ -53,7 +54,14 @@ def get_variant(name: str) -> VariantSpec:
 
 
 class Block(nn.Module):
-  """dwconv 7x7 -> LN(1e-6) -> Dense 4C -> GELU(erf) -> Dense C -> gamma -> drop path -> + x."""
+  """dwconv 7x7 -> LN(1e-6) -> Dense 4C -> GELU(erf) -> Dense C -> gamma -> drop path -> + x.
+
+  With the CPU kernels (conv_impl 'kernel', or 'auto' on CPU) the depthwise
+  conv runs fused with the LayerNorm, and in blocks up to
+  layers.FUSED_MLP_MAX_WIDTH channels everything after it (Dense, GELU, Dense,
+  gamma, drop path, residual add) runs as one kernel (faer_jax.kernels.mlp);
+  same parameters, same function.
+  """
 
   dim: int
   drop_path: float = 0.0
@@ -66,13 +74,23 @@ class Block(nn.Module):
     shortcut = x
     norm = layers.layer_norm(1e-6, self.dtype, "norm")
     x = layers.DepthwiseConv7x7(self.dim, impl=self.conv_impl, dtype=self.dtype, name="dwconv")(x, norm)
-    x = layers.dense(4 * self.dim, self.dtype, "pwconv1")(x)
-    x = layers.gelu(x)
-    x = layers.dense(self.dim, self.dtype, "pwconv2")(x)
+    fc1 = layers.dense(4 * self.dim, self.dtype, "pwconv1")
+    fc2 = layers.dense(self.dim, self.dtype, "pwconv2")
+    drop_path = layers.DropPath(self.drop_path, name="drop_path")
+    layer_scale = lambda: self.param("gamma", nn.initializers.constant(self.layer_scale_init_value),
+                                     (self.dim,), jnp.float32)
+    if not self.is_initializing() and layers.fused_mlp_applies(
+        self.conv_impl, x, self.dtype, self.drop_path if train else 0.0):
+      p1, p2 = fc1.variables["params"], fc2.variables["params"]
+      gamma = layer_scale() if self.layer_scale_init_value > 0 else jnp.ones((self.dim,), jnp.float32)
+      dropping = drop_path.active(deterministic=not train)
+      mask = drop_path.mask(x).reshape(-1) if dropping else None
+      return kernel_mlp.mlp_residual(x, p1["kernel"], p1["bias"], p2["kernel"], p2["bias"], gamma, shortcut,
+                                     mask, 1.0 - self.drop_path if dropping else 1.0)
+    x = fc2(layers.gelu(fc1(x)))
     if self.layer_scale_init_value > 0:
-      gamma = self.param("gamma", nn.initializers.constant(self.layer_scale_init_value), (self.dim,), jnp.float32)
-      x = x * gamma.astype(self.dtype)
-    x = layers.DropPath(self.drop_path, name="drop_path")(x, deterministic=not train)
+      x = x * layer_scale().astype(self.dtype)
+    x = drop_path(x, deterministic=not train)
     return shortcut + x
 
 

@@ -14,6 +14,7 @@ from jax import lax
 from faer_jax import kernels
 from faer_jax.kernels import depthwise as kernel_depthwise
 from faer_jax.kernels import grouped as kernel_grouped
+from faer_jax.kernels import mlp as kernel_mlp
 
 Dtype = Any
 
@@ -276,13 +277,35 @@ class DropPath(nn.Module):
 
   rate: float
 
+  def active(self, deterministic: bool) -> bool:
+    return not deterministic and self.rate != 0.0
+
+  def mask(self, x: jax.Array) -> jax.Array:
+    """The 0/1 mask __call__ multiplies x by, one per example (the leading axis), shaped to broadcast."""
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    return jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.rate, shape).astype(x.dtype)
+
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
-    if deterministic or self.rate == 0.0:
+    if not self.active(deterministic):
       return x
     keep = 1.0 - self.rate
     if keep == 0.0:  # timm leaves the mask unscaled here; every path is dropped.
       return jnp.zeros_like(x)
-    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
-    return x * mask.astype(x.dtype) / jnp.asarray(keep, x.dtype)
+    return x * self.mask(x) / jnp.asarray(keep, x.dtype)
+
+
+# The fused MLP kernel (faer_jax/kernels/mlp.cc) against XLA's two matmuls and
+# elementwise passes, forward + backward of one block, batch 16, 2 cores:
+# 1.35-1.4x as fast at C = 96 and 128, 1.1-1.15x at 192 and 256, on par at
+# 384 and 512, 0.85x at 768 and 1024 (benchmarks/README.md). Wider blocks keep
+# XLA's.
+FUSED_MLP_MAX_WIDTH = 256
+
+
+def fused_mlp_applies(impl: str, x: jax.Array, dtype: Dtype, rate: float) -> bool:
+  """Whether a ConvNeXt block with conv impl `impl` runs its MLP as the fused CPU kernel."""
+  width = x.shape[-1]
+  return (_resolve(impl, "kernel", "xla", ("xla", "shift", "kernel")) == "kernel" and rate < 1.0
+          and x.dtype == jnp.float32 and dtype == jnp.float32 and width <= FUSED_MLP_MAX_WIDTH
+          and kernel_mlp.supported(width, 4 * width) and kernels.available())

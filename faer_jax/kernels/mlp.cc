@@ -1,0 +1,537 @@
+// The pointwise half of a ConvNeXt block, fused, for XLA:CPU (float32):
+//
+//   y = shortcut + drop_path(gamma * (gelu(x @ w1 + b1) @ w2 + b2))
+//
+// with x the block's normalised activations (M = N*H*W rows of C channels),
+// w1 (C, F), w2 (F, C), F = 4C, GELU the exact erf form, and drop_path
+// multiplying example n's rows by mask[n] and dividing by `keep`.
+//
+// XLA runs this as two library matrix products with separate passes for the
+// bias, the GELU, the layer scale and the residual add, each streaming the
+// 4C-wide hidden activation through memory (and, in the backward, more passes
+// plus transposed copies for the weight gradients). Here the hidden
+// activation lives only in a cache-sized tile: each task takes a tile of rows,
+// computes a block of hidden columns with the matrix product's register tile,
+// applies bias and GELU in registers, and feeds the block straight into the
+// second product.
+//
+//   faer_mlp_forward         y
+//   faer_mlp_forward_train   y, and for the backward the pre-activation
+//                            p = x @ w1 + b1 (M, F) and z = h @ w2 + b2 (M, C)
+//   faer_mlp_backward        from dy: dx (gradient at x), dw1, db1, dw2, db2,
+//                            dgamma, summed over this call's rows
+//
+// Every sum runs in an order fixed by the shapes, not by the thread count:
+// weight-gradient blocks are owned by one task at a time and visit the rows
+// in order. Built at first use by faer_jax/kernels/__init__.py.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "common.h"
+
+namespace faer {
+namespace {
+
+typedef int32_t ivec __attribute__((vector_size(V * sizeof(int32_t)), aligned(4)));
+
+inline vec splat(float a) { return vec{} + a; }
+inline vec vmin(vec a, vec b) { return a < b ? a : b; }
+inline vec vmax(vec a, vec b) { return a > b ? a : b; }
+
+// erf(x) as a rational function of x on [-4, 4] (outside, erf is +-1 in
+// float32); within 2 ulp-ish of the correctly rounded value (tests compare it
+// with std::erf through the kernels).
+inline vec Erf(vec x) {
+  x = vmin(vmax(x, splat(-4.f)), splat(4.f));
+  const vec x2 = x * x;
+  vec p = x2 * -2.72614225801306e-10f + 2.77068142495902e-08f;
+  p = p * x2 + -2.10102402082508e-06f;
+  p = p * x2 + -5.69250639462346e-05f;
+  p = p * x2 + -7.34990630326855e-04f;
+  p = p * x2 + -2.95459980854025e-03f;
+  p = p * x2 + -1.60960333262415e-02f;
+  vec q = x2 * -1.45660718464996e-05f + -2.13374055278905e-04f;
+  q = q * x2 + -1.68282697438203e-03f;
+  q = q * x2 + -7.37332916720468e-03f;
+  q = q * x2 + -1.42647390514189e-02f;
+  return x * p / q;
+}
+
+// exp(x) for x <= 0 (the GELU derivative's Gaussian): 2^n * e^r with
+// |r| <= ln2 / 2 and a degree-6 polynomial for e^r; 0 below -87.
+inline vec ExpNonPositive(vec x) {
+  const vec under = x < -87.f ? splat(0.f) : splat(1.f);
+  x = vmax(x, splat(-87.f));
+  const vec magic = splat(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
+  const vec n = (x * 1.44269504088896341f + magic) - magic;
+  const vec r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  vec p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.f;
+  const ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
+  vec scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale * under;
+}
+
+constexpr float kSqrtHalf = 0.70710678118654752f;
+constexpr float kInvSqrt2Pi = 0.39894228040143268f;
+
+// torch.nn.GELU(): x * 0.5 * (1 + erf(x / sqrt 2)). Its derivative (in the
+// backward) is computed as torch's GeluBackward does:
+// 0.5 * (1 + erf(x / sqrt 2)) + x * exp(-x^2 / 2) / sqrt(2 pi).
+inline vec Gelu(vec x) { return x * 0.5f * (1.f + Erf(x * kSqrtHalf)); }
+
+
+// ---------------------------------------------------------------------------
+// Matrix products. One register tile serves every product here:
+//   acc[i][v] += sum_{k < K} A[i * ars + k * aks] * B[k * bks + v * V]
+// for R rows and NV vectors of 16 columns. A is read in place (row-major) or
+// from a packed copy, B from memory or packed (see Lhs and Operand).
+
+constexpr int MR = 12;  // rows per register tile (24 accumulators + 2 operands + 1 broadcast)
+
+template <int R, int NV>
+inline void Tile(const float* A, int64_t ars, int64_t aks, const float* B, int64_t bks, int64_t K,
+                 vec (&acc)[MR][2]) {
+  for (int64_t k = 0; k < K; ++k) {
+    vec b[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) b[v] = load(B + k * bks + v * V);
+#pragma GCC unroll 12
+    for (int i = 0; i < R; ++i) {
+      const float a = A[i * ars + k * aks];
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[i][v] += b[v] * a;
+    }
+  }
+}
+
+// One R x NV*16 block at (r, c): start from zero or from `init` (row stride
+// ld_init), run the tile over K, hand every vector to epi(row, col, value).
+// B points at this block's columns.
+// A (M x K): element (m, k) at data[(m / MR) * group + (m % MR) * row + k * depth].
+// Row-major A has row = ld, depth = 1, group = MR * ld; a packed A (PackedLhs)
+// stores each group of MR rows k-major, so a register tile reads one stream.
+struct Lhs {
+  const float* data;
+  int64_t row, depth, group;
+  Lhs from(int64_t k0) const { return {data + k0 * depth, row, depth, group}; }
+};
+
+inline Lhs Rows(const float* a, int64_t ld) { return {a, ld, 1, MR * ld}; }
+// The layout of a packed A with K columns: [M / MR][K][MR].
+inline Lhs PackedLhs(const float* a, int64_t K) { return {a, 1, MR, MR * K}; }
+inline int64_t PackedLhsIndex(int64_t m, int64_t k, int64_t K) { return (m / MR) * MR * K + k * MR + m % MR; }
+
+template <int R, int NV, class Epi>
+inline void Block(int64_t r, int64_t c, int64_t K, const Lhs& A, const float* B, int64_t bks, const float* init,
+                  int64_t ld_init, Epi& epi) {
+  vec acc[MR][2];
+#pragma GCC unroll 12
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v)
+      acc[i][v] = init ? load(init + (r + i) * ld_init + c + v * V) : vec{};
+  Tile<R, NV>(A.data + (r / MR) * A.group + (r % MR) * A.row, A.row, A.depth, B, bks, K, acc);
+#pragma GCC unroll 12
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) epi(r + i, c + v * V, acc[i][v]);
+}
+
+// B (K x N) either as it lies in memory (Plain: row stride ld) or packed by
+// Pack() into 32-column panels, each K x 32 contiguous (the last one padded
+// with zeros), so that the panel a register tile reads is one dense stream.
+struct Operand {
+  const float* data;
+  int64_t row, panel;  // strides of k and of a 32-column panel
+  const float* at(int64_t k, int64_t c) const { return data + (c / (2 * V)) * panel + k * row + c % (2 * V); }
+  Operand from(int64_t k0, int64_t c0) const { return {at(k0, c0), row, panel}; }
+};
+
+// The layout Pack() makes, for K rows: element (k, n) at this index.
+inline int64_t PackedIndex(int64_t k, int64_t n, int64_t K) { return (n / (2 * V)) * 2 * V * K + k * 2 * V + n % (2 * V); }
+inline Operand Packed(const float* b, int64_t K) { return {b, 2 * V, 2 * V * K}; }
+
+inline Operand Plain(const float* b, int64_t ld) { return {b, ld, 2 * V}; }
+
+// Packs B (K x N, element (k, n) at b[k * ks + n * ns]).
+// The buffer's floats start on a cache line, so every vector load of a panel
+// reads one line.
+Operand Pack(const float* b, int64_t K, int64_t N, int64_t ks, int64_t ns, std::vector<float>& buffer) {
+  const int64_t panels = (N + 2 * V - 1) / (2 * V);
+  buffer.assign(panels * K * 2 * V + V, 0.f);
+  float* base = buffer.data() + (V - (reinterpret_cast<uintptr_t>(buffer.data()) / sizeof(float)) % V) % V;
+  for (int64_t p = 0; p < panels; ++p) {
+    const int64_t w = std::min<int64_t>(2 * V, N - p * 2 * V);
+    float* out = base + p * K * 2 * V;
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t c = 0; c < w; ++c) out[k * 2 * V + c] = b[k * ks + (p * 2 * V + c) * ns];
+  }
+  return {base, 2 * V, 2 * V * K};
+}
+
+constexpr int64_t KC = 256;  // depth of a pass: a 32-column panel of KC rows fills L1
+
+// out (M x N, N % 16 == 0) = [init +] A (M x K) B (K x N), in passes over KC
+// of the depth; every 32-column panel of B stays in L1 while all M rows pass
+// it. Between passes the partial sums wait in `partial` (M x N); epi sees
+// only the final values.
+template <class Epi>
+void Gemm(int64_t M, int64_t N, int64_t K, const Lhs& A, const Operand& B, const float* init, int64_t ld_init,
+          float* partial, Epi&& epi) {
+  auto keep_partial = [&](int64_t r, int64_t c, vec v) { store(partial + r * N + c, v); };
+  const int64_t mr = M - M % MR;
+  // Rows past the last whole register tile: in tiles of 8, 4 and 1.
+  const int64_t m8 = mr + (M - mr) / 8 * 8, m4 = m8 + (M - m8) / 4 * 4;
+  for (int64_t k0 = 0; k0 < K; k0 += KC) {
+    const int64_t kn = std::min(KC, K - k0);
+    const float* in = k0 ? partial : init;
+    const int64_t ld_in = k0 ? N : ld_init;
+    const Lhs a = A.from(k0);
+    auto pass = [&](auto& out) {
+      for (int64_t c = 0; c < N; c += 2 * V) {
+        const bool last_panel = c + 2 * V > N;
+        const int64_t bks = B.row;
+        const float* b = B.at(k0, c);
+        auto columns = [&](auto nv) {
+          constexpr int NV = decltype(nv)::value;
+          for (int64_t r = 0; r < mr; r += MR) Block<MR, NV>(r, c, kn, a, b, bks, in, ld_in, out);
+          for (int64_t r = mr; r < m8; r += 8) Block<8, NV>(r, c, kn, a, b, bks, in, ld_in, out);
+          for (int64_t r = m8; r < m4; r += 4) Block<4, NV>(r, c, kn, a, b, bks, in, ld_in, out);
+          for (int64_t r = m4; r < M; ++r) Block<1, NV>(r, c, kn, a, b, bks, in, ld_in, out);
+        };
+        if (last_panel) columns(std::integral_constant<int, 1>());
+        else columns(std::integral_constant<int, 2>());
+      }
+    };
+    if (k0 + kn < K) pass(keep_partial);
+    else pass(epi);
+  }
+}
+
+// Rows per task: at most `most` (so that a task's rows of x, the fc2
+// accumulator and a hidden block stay in the core's L2), a multiple of the
+// register tile, and as even a split over the pool's threads as that allows.
+int64_t TaskRows(int64_t M, int64_t C, int64_t threads) {
+  const int64_t most = C <= 256 ? 96 : 192;
+  int64_t tasks = std::max<int64_t>(1, threads);
+  while ((M + tasks - 1) / tasks > most) tasks += std::max<int64_t>(1, threads);
+  const int64_t rows = (M + tasks - 1) / tasks;
+  return (rows + MR - 1) / MR * MR;
+}
+
+// Hidden columns per block: all of them up to 512, else 256.
+inline int64_t HiddenBlock(int64_t F) { return F <= 512 ? F : 256; }
+
+// Leading dimension of a row tile copied to scratch: padded by 16 floats so
+// that the 12 rows a register tile reads do not share L1 sets (C = 1024
+// would put them 4 KB apart).
+inline int64_t Padded(int64_t C) { return C + V; }
+
+thread_local std::vector<float> scratch;
+
+float* Scratch(int64_t size) {
+  if ((int64_t)scratch.size() < size) scratch.resize(size);
+  return scratch.data();
+}
+
+struct Shapes {
+  int64_t M, C, F, per_example;
+};
+
+bool CheckShapes(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>& w1, const ffi::Buffer<ffi::F32>& w2,
+                 Shapes* s) {
+  auto xd = x.dimensions();
+  auto ad = w1.dimensions();
+  auto bd = w2.dimensions();
+  if (xd.size() < 2 || ad.size() != 2 || bd.size() != 2) return false;
+  s->C = xd.back();
+  s->F = ad[1];
+  s->M = 1;
+  for (auto d : xd) s->M *= d;
+  s->M /= s->C;
+  s->per_example = xd[0] ? s->M / xd[0] : 1;
+  return ad[0] == s->C && bd[0] == s->F && bd[1] == s->C && s->C % V == 0 && s->F % V == 0;
+}
+
+template <bool kTrain>
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w1, ffi::Buffer<ffi::F32> b1,
+                   ffi::Buffer<ffi::F32> w2, ffi::Buffer<ffi::F32> b2, ffi::Buffer<ffi::F32> gamma,
+                   ffi::Buffer<ffi::F32> shortcut, ffi::Buffer<ffi::F32> mask, float keep,
+                   ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> pre, ffi::ResultBuffer<ffi::F32> z) {
+  Shapes s;
+  if (!CheckShapes(x, w1, w2, &s))
+    return ffi::Error::InvalidArgument("faer_mlp: expected x (..., C), w1 (C, F), w2 (F, C), C and F % 16 == 0");
+  const int64_t M = s.M, C = s.C, F = s.F;
+  const float *xp = x.typed_data(), *w1p = w1.typed_data(), *b1p = b1.typed_data(), *w2p = w2.typed_data();
+  const float *b2p = b2.typed_data(), *gp = gamma.typed_data(), *sp = shortcut.typed_data();
+  const float* mp = mask.typed_data();
+  float* yp = y->typed_data();
+  float* pp = kTrain ? pre->typed_data() : nullptr;
+  float* zp = kTrain ? z->typed_data() : nullptr;
+  const int64_t tr = TaskRows(M, C, pool.num_threads()), fb = HiddenBlock(F), ld = Padded(C);
+  const bool drop = keep != 1.f;
+  std::vector<float> w1_buffer, w2_buffer;
+  const Operand W1 = Pack(w1p, C, F, F, 1, w1_buffer);  // fc1: K = C, N = F
+  const Operand W2 = Pack(w2p, F, C, C, 1, w2_buffer);  // fc2: K = F, N = C
+  ParallelFor(pool, (M + tr - 1) / tr, [&](int64_t task) {
+    const int64_t r0 = task * tr, rows = std::min(tr, M - r0);
+    // This task's rows of x, the fc2 accumulator, one hidden block, and the
+    // partial sums of a product between passes.
+    float* xr = Scratch(2 * tr * ld + tr * fb + tr * std::max(C, fb));
+    float* acc = xr + tr * ld;
+    float* h = acc + tr * ld;
+    float* partial = h + tr * fb;
+    for (int64_t r = 0; r < rows; ++r) std::copy_n(xp + (r0 + r) * C, C, xr + r * ld);
+    for (int64_t f0 = 0; f0 < F; f0 += fb) {
+      const int64_t fn = std::min(fb, F - f0);
+      Gemm(rows, fn, C, Rows(xr, ld), W1.from(0, f0), nullptr, 0, partial,
+           [&](int64_t r, int64_t c, vec v) {
+             v += load(b1p + f0 + c);
+             if (kTrain) store(pp + (r0 + r) * F + f0 + c, v);
+             store(h + r * fb + c, Gelu(v));
+           });
+      Gemm(rows, C, fn, Rows(h, fb), W2.from(f0, 0), f0 ? acc : nullptr, ld, partial,
+           [&](int64_t r, int64_t c, vec v) { store(acc + r * ld + c, v); });
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t row = r0 + r;
+      const float m = drop ? mp[row / s.per_example] : 1.f;
+      for (int64_t c = 0; c < C; c += V) {
+        const vec zv = load(acc + r * ld + c) + load(b2p + c);
+        if (kTrain) store(zp + row * C + c, zv);
+        vec u = load(gp + c) * zv;
+        if (drop) u = u * m / keep;
+        store(yp + row * C + c, load(sp + row * C + c) + u);
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error ForwardEval(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w1,
+                       ffi::Buffer<ffi::F32> b1, ffi::Buffer<ffi::F32> w2, ffi::Buffer<ffi::F32> b2,
+                       ffi::Buffer<ffi::F32> gamma, ffi::Buffer<ffi::F32> shortcut, ffi::Buffer<ffi::F32> mask,
+                       float keep, ffi::ResultBuffer<ffi::F32> y) {
+  return Forward<false>(pool, x, w1, b1, w2, b2, gamma, shortcut, mask, keep, y, y, y);
+}
+
+ffi::Error ForwardTrain(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w1,
+                        ffi::Buffer<ffi::F32> b1, ffi::Buffer<ffi::F32> w2, ffi::Buffer<ffi::F32> b2,
+                        ffi::Buffer<ffi::F32> gamma, ffi::Buffer<ffi::F32> shortcut, ffi::Buffer<ffi::F32> mask,
+                        float keep, ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> pre,
+                        ffi::ResultBuffer<ffi::F32> z) {
+  return Forward<true>(pool, x, w1, b1, w2, b2, gamma, shortcut, mask, keep, y, pre, z);
+}
+
+
+// The backward. With dyp = dy * mask / keep (the gradient at gamma * z) and
+// g = dyp * gamma (at z), for a tile of rows:
+//   dh = g @ w2^T; with p the saved pre-activation, D = dh * gelu'(p), Hs = gelu(p);
+//   dw1 += x^T D,  dw2 += Hs^T g,  db1 += colsum D,  db2 += colsum g,
+//   dgamma += colsum(dyp * z);  dx = D @ w1^T.
+// Rows go in super-tiles of S. Per super-tile, phase A has one task per block
+// of hidden columns, which owns those columns of dw1, rows of dw2 and entries
+// of db1 (and a share of the channels for dgamma and db2); phase B splits the
+// super-tile's rows for dx and for the next super-tile's g. Every sum runs in
+// an order fixed by the shapes alone (each weight-gradient entry adds the
+// super-tiles in order), so results do not depend on the thread count.
+// (Splitting by rows instead, with per-chunk partial weight gradients added at
+// the end, measured no faster at C = 96 and 128.)
+constexpr int64_t S = 240;  // rows per super-tile (20 register tiles)
+static_assert(S / 2 <= KC, "a half super-tile must be one pass of the weight-gradient products");
+
+struct BackwardArgs {
+  Shapes s;
+  const float *x, *w1, *w2, *gamma, *pre, *z, *dy, *mask;
+  float keep;
+  float *dx, *dw1, *db1, *dw2, *db2, *dgamma;
+};
+
+// g for rows [a, b) of the super-tile at r0 (rows in all), into G (row stride ld).
+void MakeG(const BackwardArgs& q, int64_t r0, int64_t a, int64_t b, float* G, int64_t ld) {
+  const int64_t C = q.s.C;
+  const bool drop = q.keep != 1.f;
+  for (int64_t r = a; r < b; ++r) {
+    const int64_t row = r0 + r;
+    const float m = drop ? q.mask[row / q.s.per_example] : 1.f;
+    for (int64_t c = 0; c < C; c += V) {
+      vec d = load(q.dy + row * C + c);
+      if (drop) d = d * m / q.keep;
+      store(G + r * ld + c, d * load(q.gamma + c));
+    }
+  }
+}
+
+// dh for rows [0, rows) x hidden columns [f0, f0 + fn) of the super-tile at
+// r0, then D and Hs (row stride ldf, column f0 + c).
+void HiddenGradient(const BackwardArgs& q, int64_t r0, int64_t rows, int64_t f0, int64_t fn, const float* G,
+                    int64_t ld, const Operand& W2T, float* D, float* Hs, int64_t ldf, float* partial) {
+  const int64_t C = q.s.C, F = q.s.F;
+  Gemm(rows, fn, C, Rows(G, ld), W2T.from(0, f0), nullptr, 0, partial, [&](int64_t r, int64_t c, vec v) {
+    const vec p = load(q.pre + (r0 + r) * F + f0 + c);
+    const vec cdf = 0.5f * (1.f + Erf(p * kSqrtHalf));
+    store(D + r * ldf + f0 + c, v * (cdf + p * (ExpNonPositive(p * p * -0.5f) * kInvSqrt2Pi)));
+    store(Hs + r * ldf + f0 + c, p * cdf);
+  });
+}
+
+// The weight gradients of hidden columns [f0, f0 + fn) over rows [0, rows) of
+// the super-tile at r0, added in place to dw1 (C x F) and dw2 (F x C), in two
+// halves of the rows so that a B panel and the A rows a register tile reads
+// fit in L1 together; db1 likewise.
+void WeightGradients(const BackwardArgs& q, int64_t r0, int64_t rows, int64_t f0, int64_t fn, const float* G,
+                     int64_t ld, const float* D, const float* Hs, int64_t ldf, float* dw1, float* dw2, float* db1) {
+  const int64_t C = q.s.C, F = q.s.F;
+  for (int64_t k0 = 0; k0 < rows; k0 += S / 2) {
+    const int64_t kn = std::min(S / 2, rows - k0);
+    Gemm(C, fn, kn, Lhs{q.x + (r0 + k0) * C, 1, C, MR}, Plain(D + k0 * ldf + f0, ldf), dw1 + f0, F, nullptr,
+         [&](int64_t r, int64_t c, vec v) { store(dw1 + r * F + f0 + c, v); });
+    Gemm(fn, C, kn, Lhs{Hs + k0 * ldf + f0, 1, ldf, MR}, Plain(G + k0 * ld, ld), dw2 + f0 * C, C, nullptr,
+         [&](int64_t r, int64_t c, vec v) { store(dw2 + (f0 + r) * C + c, v); });
+  }
+  for (int64_t c = 0; c < fn; c += V) {
+    vec acc = load(db1 + f0 + c);
+    for (int64_t r = 0; r < rows; ++r) acc += load(D + r * ldf + f0 + c);
+    store(db1 + f0 + c, acc);
+  }
+}
+
+// dgamma and db2 over rows [0, rows) of the super-tile at r0, channels c0, c0 + step, ...
+void ScaleGradients(const BackwardArgs& q, int64_t r0, int64_t rows, const float* G, int64_t ld, int64_t c0,
+                    int64_t step, float* dgamma, float* db2) {
+  const int64_t C = q.s.C;
+  const bool drop = q.keep != 1.f;
+  for (int64_t c = c0; c < C; c += step) {
+    vec dg = load(dgamma + c), db = load(db2 + c);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t row = r0 + r;
+      vec d = load(q.dy + row * C + c);
+      if (drop) d = d * q.mask[row / q.s.per_example] / q.keep;
+      dg += d * load(q.z + row * C + c);
+      db += load(G + r * ld + c);
+    }
+    store(dgamma + c, dg);
+    store(db2 + c, db);
+  }
+}
+
+// dx for rows [a, a + n) of the super-tile at r0.
+void InputGradient(const BackwardArgs& q, int64_t r0, int64_t a, int64_t n, const float* D, int64_t ldf,
+                   const Operand& W1T, float* partial) {
+  const int64_t C = q.s.C, F = q.s.F;
+  Gemm(n, C, F, Rows(D + a * ldf, ldf), W1T, nullptr, 0, partial,
+       [&](int64_t r, int64_t c, vec v) { store(q.dx + (r0 + a + r) * C + c, v); });
+}
+
+void BackwardByHiddenBlocks(ffi::ThreadPool& pool, const BackwardArgs& q, const Operand& W1T, const Operand& W2T) {
+  const int64_t M = q.s.M, C = q.s.C, F = q.s.F;
+  std::fill_n(q.dw1, C * F, 0.f);
+  std::fill_n(q.db1, F, 0.f);
+  std::fill_n(q.dw2, F * C, 0.f);
+  std::fill_n(q.db2, C, 0.f);
+  std::fill_n(q.dgamma, C, 0.f);
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  // Hidden blocks: multiples of 32, at most 256 wide, at least two per thread where F allows.
+  const int64_t fb = std::min<int64_t>(256, std::max<int64_t>(2 * V, F / (2 * threads) / (2 * V) * (2 * V)));
+  const int64_t fblocks = (F + fb - 1) / fb;
+  const int64_t ld = Padded(C), ldf = Padded(F);
+  std::vector<float> buffers(S * ld + 2 * S * ldf);
+  float *G = buffers.data(), *D = G + S * ld, *Hs = D + S * ldf;
+  // Row groups of phase B: as many as threads, whole register tiles.
+  const int64_t group = (S / threads + MR - 1) / MR * MR;
+  const int64_t groups = (S + group - 1) / group;
+  const int64_t first = std::min(S, M);
+  ParallelFor(pool, groups, [&](int64_t t) { MakeG(q, 0, t * group, std::min(first, (t + 1) * group), G, ld); });
+  for (int64_t r0 = 0; r0 < M; r0 += S) {
+    const int64_t rows = std::min(S, M - r0);
+    ParallelFor(pool, fblocks, [&](int64_t t) {
+      const int64_t f0 = t * fb, fn = std::min(fb, F - f0);
+      HiddenGradient(q, r0, rows, f0, fn, G, ld, W2T, D, Hs, ldf, Scratch(rows * fn));
+      WeightGradients(q, r0, rows, f0, fn, G, ld, D, Hs, ldf, q.dw1, q.dw2, q.db1);
+      ScaleGradients(q, r0, rows, G, ld, t * V, fblocks * V, q.dgamma, q.db2);
+    });
+    const int64_t next = r0 + S, next_rows = std::max<int64_t>(0, std::min(S, M - next));
+    ParallelFor(pool, groups, [&](int64_t t) {
+      const int64_t a = t * group, n = std::max<int64_t>(0, std::min(group, rows - a));
+      if (n > 0) InputGradient(q, r0, a, n, D, ldf, W1T, Scratch(n * C));
+      if (next_rows) MakeG(q, next, a, std::min(next_rows, a + group), G, ld);
+    });
+  }
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w1,
+                    ffi::Buffer<ffi::F32> w2, ffi::Buffer<ffi::F32> gamma, ffi::Buffer<ffi::F32> pre,
+                    ffi::Buffer<ffi::F32> z, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> mask, float keep,
+                    ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dw1, ffi::ResultBuffer<ffi::F32> db1,
+                    ffi::ResultBuffer<ffi::F32> dw2, ffi::ResultBuffer<ffi::F32> db2,
+                    ffi::ResultBuffer<ffi::F32> dgamma) {
+  BackwardArgs q;
+  if (!CheckShapes(x, w1, w2, &q.s) || pre.element_count() != q.s.M * q.s.F ||
+      z.element_count() != q.s.M * q.s.C || dy.element_count() != q.s.M * q.s.C)
+    return ffi::Error::InvalidArgument("faer_mlp_backward: expected x, z, dy (..., C), pre (..., F), w1 (C, F), "
+                                       "w2 (F, C), C and F % 16 == 0");
+  q.x = x.typed_data(), q.w1 = w1.typed_data(), q.w2 = w2.typed_data(), q.gamma = gamma.typed_data();
+  q.pre = pre.typed_data(), q.z = z.typed_data(), q.dy = dy.typed_data(), q.mask = mask.typed_data();
+  q.keep = keep;
+  q.dx = dx->typed_data(), q.dw1 = dw1->typed_data(), q.db1 = db1->typed_data();
+  q.dw2 = dw2->typed_data(), q.db2 = db2->typed_data(), q.dgamma = dgamma->typed_data();
+  const int64_t C = q.s.C, F = q.s.F;
+  std::vector<float> w2t_buffer, w1t_buffer;
+  const Operand W2T = Pack(q.w2, C, F, 1, C, w2t_buffer);  // dh = g w2^T: K = C, N = F
+  const Operand W1T = Pack(q.w1, F, C, 1, F, w1t_buffer);  // dx = D w1^T: K = F, N = C
+  BackwardByHiddenBlocks(pool, q, W1T, W2T);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace faer
+
+#define FAER_MLP_FORWARD_ARGS                                    \
+  ffi::Ffi::Bind()                                               \
+      .Ctx<ffi::ThreadPool>()                                    \
+      .Arg<ffi::Buffer<ffi::F32>>() /* x (..., C) */             \
+      .Arg<ffi::Buffer<ffi::F32>>() /* w1 (C, F) */              \
+      .Arg<ffi::Buffer<ffi::F32>>() /* b1 (F) */                 \
+      .Arg<ffi::Buffer<ffi::F32>>() /* w2 (F, C) */              \
+      .Arg<ffi::Buffer<ffi::F32>>() /* b2 (C) */                 \
+      .Arg<ffi::Buffer<ffi::F32>>() /* gamma (C) */              \
+      .Arg<ffi::Buffer<ffi::F32>>() /* shortcut (..., C) */      \
+      .Arg<ffi::Buffer<ffi::F32>>() /* drop-path mask (N) */     \
+      .Attr<float>("keep")                                       \
+      .Ret<ffi::Buffer<ffi::F32>>() /* y (..., C) */
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FaerMlpForward, faer::ForwardEval, FAER_MLP_FORWARD_ARGS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FaerMlpForwardTrain, faer::ForwardTrain,
+                              FAER_MLP_FORWARD_ARGS
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // pre-activation (..., F)
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // z (..., C)
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FaerMlpBackward, faer::Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x (..., C)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w1 (C, F)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w2 (F, C)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // gamma (C)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // pre-activation (..., F)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // z (..., C)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dy (..., C)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // drop-path mask (N)
+                                  .Attr<float>("keep")
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dx (..., C)
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dw1 (C, F)
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // db1 (F)
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dw2 (F, C)
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // db2 (C)
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // dgamma (C)
