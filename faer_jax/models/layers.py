@@ -296,11 +296,11 @@ class DropPath(nn.Module):
 
 
 # The fused MLP kernel (faer_jax/kernels/mlp.cc) against XLA's two matmuls and
-# elementwise passes, forward + backward of one block, batch 16, 2 cores:
-# 1.35-1.4x as fast at C = 96 and 128, 1.1-1.15x at 192 and 256, on par at
-# 384 and 512, 0.85x at 768 and 1024 (benchmarks/README.md). Wider blocks keep
-# XLA's.
-FUSED_MLP_MAX_WIDTH = 256
+# elementwise passes, forward + backward of one block, batch 16, 2 cores,
+# same process: 1.5-1.6x as fast at C = 96, 1.35x at 128, 1.1-1.15x at 192
+# and 256, 1.05-1.08x at 384, 1.03-1.05x at 512, 0.85x at 768 and 1024
+# (benchmarks/README.md). Wider blocks keep XLA's.
+FUSED_MLP_MAX_WIDTH = 512
 
 
 def fused_mlp_applies(impl: str, x: jax.Array, dtype: Dtype, rate: float) -> bool:
