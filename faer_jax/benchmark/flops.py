@@ -30,6 +30,28 @@ def peak_flops(device_kind: str, dtype: str) -> float | None:
   return None
 
 
+def cpu_peak_flops() -> float | None:
+  """The CPU's float32 peak FLOP/s, measured: vector FMA chains on every thread of XLA's pool.
+
+  faer_jax/kernels/peak.cc; the best of three runs (another job on the machine
+  only lowers a run). None where the C++ kernels are unavailable.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  from faer_jax import kernels  # pylint: disable=g-import-not-at-top
+  if jax.default_backend() != "cpu" or not kernels.available():
+    return None
+  measure = jax.jit(lambda: jax.ffi.ffi_call("faer_peak_flops", jax.ShapeDtypeStruct((), jnp.float32),
+                                             has_side_effect=True)())
+  return max(float(measure()) for _ in range(3))
+
+
+def lowered_flops(lowered: Any) -> float | None:
+  """The FLOPs XLA's cost analysis counts for a lowered, not yet compiled, program."""
+  return compiled_flops(lowered)
+
+
 def compiled_flops(compiled: Any) -> float | None:
   """The FLOPs XLA counts for one call of a compiled program (`jit(f).lower(...).compile()`).
 

@@ -1,15 +1,17 @@
-"""`python -m faer_jax.benchmark layers`: the model's grouped convolutions, per implementation, next to PyTorch.
+"""`python -m faer_jax.benchmark layers`: the model's convolutions and block MLPs, per implementation, next to PyTorch.
 
   python -m faer_jax.benchmark layers --variant tiny --batch-size 16 --image-size 224 \
       [--threads 1 --clock cpu] [--steps 3] [--json]
 
 For every grouped convolution FAER runs (the blocks' 7x7 depthwise convs and
-CC Attention's 7x7 conv with 4 groups), at the shapes a `--variant` model sees
-at `--image-size`, times the forward and the forward + backward (gradients of
-the input and the parameters) of each implementation in
-faer_jax.models.layers and of the same torch.nn.Conv2d (NCHW, as the original
-runs it), round after round, alternating. These are the measurements behind
-the choices of `conv_impl='auto'` on CPU (benchmarks/README.md).
+CC Attention's 7x7 conv with 4 groups) and for each stage's block MLP (Dense
+4C, GELU, Dense C, layer scale, residual add), at the shapes a `--variant`
+model sees at `--image-size`, times the forward and the forward + backward
+(gradients of the input and the parameters) of each implementation in
+faer_jax.models.layers / faer_jax.kernels and of the same torch modules
+(Conv2d in NCHW, Linear on channels-last rows, as the original runs them),
+round after round, alternating. These are the measurements behind the
+choices of `conv_impl='auto'` on CPU (benchmarks/README.md).
 """
 
 import argparse
@@ -22,7 +24,7 @@ from typing import Sequence
 from faer_jax.benchmark import threads
 
 # The implementations of each kind of convolution in faer_jax.models.layers.
-_IMPLS = {"depthwise": ("xla", "shift", "kernel"), "grouped": ("xla", "split", "kernel")}
+_IMPLS = {"depthwise": ("xla", "shift", "kernel"), "grouped": ("xla", "split", "kernel"), "mlp": ("xla", "kernel")}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--steps", type=int, default=3, help="Rounds; the median is reported.")
   p.add_argument("--threads", type=int, default=None)
   p.add_argument("--clock", choices=("wall", "cpu"), default="wall")
-  p.add_argument("--only", default="", help="Comma-separated subset of: depthwise, grouped.")
+  p.add_argument("--only", default="", help="Comma-separated subset of: depthwise, grouped, mlp.")
   p.add_argument("--json", action="store_true")
   return p
 
@@ -50,10 +52,37 @@ def _cases(variant: str, batch: int, size: int) -> list[tuple[str, str, tuple[in
   side = size // 32
   cases.append(("grouped", "CC Attention 7x7 g4", (batch, side, side, dims[-1]),
                 dict(features=dims[-1], kernel_size=7, groups=4)))
+  for i, dim in enumerate(dims):
+    side = size // (4 * 2 ** i)
+    cases.append(("mlp", f"stage {i} block MLP", (batch, side, side, dim), dict(features=dim)))
   return cases
 
 
+def _mlp_fns(impl: str, shape: tuple[int, ...]):
+  """The block's pointwise half, shortcut + gamma * (gelu(x w1 + b1) w2 + b2), as XLA ops or the kernel."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  from faer_jax.kernels import mlp  # pylint: disable=g-import-not-at-top
+  from faer_jax.models import layers  # pylint: disable=g-import-not-at-top
+  c = shape[-1]
+  ks = jax.random.split(jax.random.key(0), 3)
+  x, shortcut = jax.random.normal(ks[0], shape), jax.random.normal(ks[1], shape)
+  params = (0.02 * jax.random.normal(ks[2], (c, 4 * c)), jnp.zeros(4 * c), 0.02 * jax.random.normal(ks[2], (4 * c, c)),
+            jnp.zeros(c), jnp.full((c,), 1e-6))
+  if impl == "kernel":
+    fn = lambda p, x, s: mlp.mlp_residual(x, *p, s)
+  else:
+    fn = lambda p, x, s: s + p[4] * (layers.gelu(x @ p[0] + p[1]) @ p[2] + p[3])
+  forward = jax.jit(fn)
+  grads = jax.jit(jax.grad(lambda p, x, s: jnp.sum(fn(p, x, s) ** 2), argnums=(0, 1, 2)))
+  return (lambda: jax.block_until_ready(forward(params, x, shortcut)),
+          lambda: jax.block_until_ready(grads(params, x, shortcut)))
+
+
 def _jax_fns(kind: str, impl: str, shape: tuple[int, ...], kwargs: dict):
+  if kind == "mlp":
+    return _mlp_fns(impl, shape)
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
@@ -67,7 +96,29 @@ def _jax_fns(kind: str, impl: str, shape: tuple[int, ...], kwargs: dict):
           lambda: jax.block_until_ready(grads(variables, x)))
 
 
+def _torch_mlp_fns(shape: tuple[int, ...]):
+  import torch  # pylint: disable=g-import-not-at-top
+  c = shape[-1]
+  fc1, act, fc2 = torch.nn.Linear(c, 4 * c), torch.nn.GELU(), torch.nn.Linear(4 * c, c)
+  gamma = torch.nn.Parameter(torch.full((c,), 1e-6))
+  x, shortcut = torch.randn(*shape, requires_grad=True), torch.randn(*shape, requires_grad=True)
+  block = lambda: shortcut + gamma * fc2(act(fc1(x)))
+
+  def forward():
+    with torch.no_grad():
+      block()
+
+  def backward():
+    for p in (*fc1.parameters(), *fc2.parameters(), gamma, x, shortcut):
+      p.grad = None
+    (block() ** 2).sum().backward()
+
+  return forward, backward
+
+
 def _torch_fns(kind: str, shape: tuple[int, ...], kwargs: dict):
+  if kind == "mlp":
+    return _torch_mlp_fns(shape)
   import torch  # pylint: disable=g-import-not-at-top
   n, h, w, c = shape
   groups = c if kind == "depthwise" else kwargs["groups"]

@@ -1,8 +1,13 @@
 """C++ kernels for XLA:CPU, registered with jax.ffi and built from source at first use.
 
-Only the CPU backend uses them (GPUs and TPUs have fast native convolutions),
-and only where they measurably beat what XLA:CPU makes of the same op
-(benchmarks/README.md). The source ships with the package; the first process
+  depthwise_conv.cc  ConvNeXt's 7x7 depthwise conv, alone and fused with the LayerNorm after it
+  grouped_conv.cc    CC Attention's 7x7 conv with 4 groups
+  mlp.cc             a block's Dense-GELU-Dense-gamma-drop path-residual, one kernel each way
+  peak.cc            the CPU's FMA throughput, for the benchmark's MFU
+
+Only the CPU backend uses them (GPUs and TPUs have fast native convolutions
+and matmul fusions), and only where they measurably beat what XLA:CPU makes of
+the same op (benchmarks/README.md). The source ships with the package; the first process
 that needs a kernel compiles it with the machine's C++ compiler (`$CXX`, else
 `c++`/`g++`) against the XLA FFI headers jaxlib ships, for this CPU
 (`-march=native`), into a cache directory:
@@ -29,13 +34,13 @@ import tempfile
 import jax
 
 _HERE = pathlib.Path(__file__).parent
-_SOURCES = (_HERE / "depthwise_conv.cc", _HERE / "grouped_conv.cc", _HERE / "mlp.cc")
+_SOURCES = (_HERE / "depthwise_conv.cc", _HERE / "grouped_conv.cc", _HERE / "mlp.cc", _HERE / "peak.cc")
 _HEADERS = (_HERE / "common.h",)
 _TARGETS = {"faer_dw7_forward": "FaerDw7Forward", "faer_dw7_kernel_grad": "FaerDw7KernelGrad",
             "faer_dw7_norm_forward": "FaerDw7NormForward", "faer_dw7_norm_backward": "FaerDw7NormBackward",
             "faer_gconv7_forward": "FaerGconv7Forward", "faer_gconv7_kernel_grad": "FaerGconv7KernelGrad",
             "faer_mlp_forward": "FaerMlpForward", "faer_mlp_forward_train": "FaerMlpForwardTrain",
-            "faer_mlp_backward": "FaerMlpBackward"}
+            "faer_mlp_backward": "FaerMlpBackward", "faer_peak_flops": "FaerPeakFlops"}
 
 
 class KernelUnavailable(RuntimeError):
