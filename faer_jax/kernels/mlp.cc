@@ -357,8 +357,10 @@ struct BackwardArgs {
   float *dx, *dw1, *db1, *dw2, *db2, *dgamma;
 };
 
-// g for rows [a, b) of the super-tile at r0 (rows in all), into G (row stride ld).
-void MakeG(const BackwardArgs& q, int64_t r0, int64_t a, int64_t b, float* G, int64_t ld) {
+// g for rows [a, b) of the super-tile at r0, into G, and those rows of x into
+// X (both row stride ld: x's own stride, C, puts the rows that a transposed
+// read visits 2-4 KB apart at C = 512-1024, all in the same few L1 sets).
+void MakeG(const BackwardArgs& q, int64_t r0, int64_t a, int64_t b, float* G, float* X, int64_t ld) {
   const int64_t C = q.s.C;
   const bool drop = q.keep != 1.f;
   for (int64_t r = a; r < b; ++r) {
@@ -369,6 +371,7 @@ void MakeG(const BackwardArgs& q, int64_t r0, int64_t a, int64_t b, float* G, in
       if (drop) d = d * m / q.keep;
       store(G + r * ld + c, d * load(q.gamma + c));
     }
+    std::copy_n(q.x + row * C, C, X + r * ld);
   }
 }
 
@@ -395,12 +398,12 @@ void HiddenGradient(const BackwardArgs& q, int64_t r0, int64_t rows, int64_t f0,
 // the super-tile at r0, added in place to dw1 (C x F) and dw2 (F x C), in two
 // halves of the rows so that a B panel and the A rows a register tile reads
 // fit in L1 together; db1 likewise.
-void WeightGradients(const BackwardArgs& q, int64_t r0, int64_t rows, int64_t f0, int64_t fn, const float* G,
+void WeightGradients(const BackwardArgs& q, int64_t rows, int64_t f0, int64_t fn, const float* G, const float* X,
                      int64_t ld, const float* D, const float* Hs, int64_t ldf, float* dw1, float* dw2, float* db1) {
   const int64_t C = q.s.C, F = q.s.F;
   for (int64_t k0 = 0; k0 < rows; k0 += S / 2) {
     const int64_t kn = std::min(S / 2, rows - k0);
-    Gemm(C, fn, kn, Lhs{q.x + (r0 + k0) * C, 1, C, MR}, Plain(D + k0 * ldf + f0, ldf), dw1 + f0, F, nullptr,
+    Gemm(C, fn, kn, Lhs{X + k0 * ld, 1, ld, MR}, Plain(D + k0 * ldf + f0, ldf), dw1 + f0, F, nullptr,
          [&](int64_t r, int64_t c, vec v) { store(dw1 + r * F + f0 + c, v); });
     Gemm(fn, C, kn, Lhs{Hs + k0 * ldf + f0, 1, ldf, MR}, Plain(G + k0 * ld, ld), dw2 + f0 * C, C, nullptr,
          [&](int64_t r, int64_t c, vec v) { store(dw2 + (f0 + r) * C + c, v); });
@@ -451,26 +454,26 @@ void BackwardByHiddenBlocks(ffi::ThreadPool& pool, const BackwardArgs& q, const 
   const int64_t fb = std::min<int64_t>(256, std::max<int64_t>(2 * V, F / (2 * threads) / (2 * V) * (2 * V)));
   const int64_t fblocks = (F + fb - 1) / fb;
   const int64_t ld = Padded(C), ldf = Padded(F);
-  std::vector<float> buffers(S * ld + 2 * S * ldf);
-  float *G = buffers.data(), *D = G + S * ld, *Hs = D + S * ldf;
+  std::vector<float> buffers(2 * S * ld + 2 * S * ldf);
+  float *G = buffers.data(), *X = G + S * ld, *D = X + S * ld, *Hs = D + S * ldf;
   // Row groups of phase B: as many as threads, whole register tiles.
   const int64_t group = (S / threads + MR - 1) / MR * MR;
   const int64_t groups = (S + group - 1) / group;
   const int64_t first = std::min(S, M);
-  ParallelFor(pool, groups, [&](int64_t t) { MakeG(q, 0, t * group, std::min(first, (t + 1) * group), G, ld); });
+  ParallelFor(pool, groups, [&](int64_t t) { MakeG(q, 0, t * group, std::min(first, (t + 1) * group), G, X, ld); });
   for (int64_t r0 = 0; r0 < M; r0 += S) {
     const int64_t rows = std::min(S, M - r0);
     ParallelFor(pool, fblocks, [&](int64_t t) {
       const int64_t f0 = t * fb, fn = std::min(fb, F - f0);
       HiddenGradient(q, r0, rows, f0, fn, G, ld, W2T, D, Hs, ldf, Scratch(2 * rows * fn));
-      WeightGradients(q, r0, rows, f0, fn, G, ld, D, Hs, ldf, q.dw1, q.dw2, q.db1);
+      WeightGradients(q, rows, f0, fn, G, X, ld, D, Hs, ldf, q.dw1, q.dw2, q.db1);
       ScaleGradients(q, r0, rows, G, ld, t * V, fblocks * V, q.dgamma, q.db2);
     });
     const int64_t next = r0 + S, next_rows = std::max<int64_t>(0, std::min(S, M - next));
     ParallelFor(pool, groups, [&](int64_t t) {
       const int64_t a = t * group, n = std::max<int64_t>(0, std::min(group, rows - a));
       if (n > 0) InputGradient(q, r0, a, n, D, ldf, W1T, Scratch(n * C));
-      if (next_rows) MakeG(q, next, a, std::min(next_rows, a + group), G, ld);
+      if (next_rows) MakeG(q, next, a, std::min(next_rows, a + group), G, X, ld);
     });
   }
 }
