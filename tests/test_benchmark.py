@@ -18,27 +18,19 @@ from jax import lax
 from faer_jax import benchmark
 from faer_jax.benchmark import flops
 from faer_jax.models import layers
-
-RTOL = 2e-5  # relative to the largest magnitude; float32 sums of up to a few thousand terms
-
-
-def _assert_close(got, want, rtol=RTOL, what=""):
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  assert got.shape == want.shape, what
-  scale = max(np.max(np.abs(want)), 1e-30)
-  assert np.max(np.abs(got - want)) / scale < rtol, what
+from faer_jax.testing import assert_close
 
 
 def _assert_same_function(f, g, args, seed=0):
   """f and g agree in value and in the gradient of <f(args), random cotangent> w.r.t. every arg."""
   out_f, vjp_f = jax.vjp(f, *args)
   out_g, vjp_g = jax.vjp(g, *args)
-  _assert_close(out_f, out_g, what="value")
+  assert_close(out_f, out_g, what="value")
   cotangent = jax.random.normal(jax.random.key(seed), out_g.shape, out_g.dtype)
   for i, (a, b) in enumerate(zip(vjp_f(cotangent), vjp_g(cotangent))):
     assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
     for (path, leaf_a), leaf_b in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)):
-      _assert_close(leaf_a, leaf_b, what=f"gradient of argument {i}{jax.tree_util.keystr(path)}")
+      assert_close(leaf_a, leaf_b, what=f"gradient of argument {i}{jax.tree_util.keystr(path)}")
 
 
 def _normal(seed, shape, scale=1.0):
@@ -73,7 +65,7 @@ def test_depthwise_bfloat16_kernel_gradient_accumulates_in_float32():
   grad = lambda x, w: jax.grad(lambda w: jnp.sum(layers.depthwise_conv_shifts(x, w)))(w)
   got = grad(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16))
   assert got.dtype == jnp.bfloat16
-  _assert_close(got.astype(jnp.float32), grad(x, kernel), rtol=2e-2)
+  assert_close(got.astype(jnp.float32), grad(x, kernel), rtol=2e-2)
 
 
 # --- CC Attention's grouped conv ---------------------------------------------------

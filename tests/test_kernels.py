@@ -15,15 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from faer_jax import kernels
 from faer_jax.kernels import depthwise, grouped
 from faer_jax.models import create_model, layers
-
-RTOL = 2e-5  # relative to the largest magnitude
-
-
-def _close(got, want, rtol=RTOL, what=""):
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  assert got.shape == want.shape, what
-  err = np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30)
-  assert err < rtol, f"{what}: relative error {err:.2e}"
+from faer_jax.testing import assert_close
 
 
 def _reference(x, kernel):
@@ -51,7 +43,7 @@ def test_kernel_equals_grouped_convolution_value_and_gradients(shape):
   got = jax.jit(lambda *a: _value_and_grads(depthwise.depthwise_conv7x7, *a))(x, kernel, cotangent)
   want = _value_and_grads(_reference, x, kernel, cotangent)
   for g, w, what in zip(got, want, ("value", "input gradient", "kernel gradient")):
-    _close(g, w, what=what)
+    assert_close(g, w, what=what)
 
 
 def _conv_then_norm(x, kernel, bias, scale, shift, eps=1e-6):
@@ -72,9 +64,9 @@ def test_fused_conv_norm_equals_conv_then_layer_norm(shape):
   fused = lambda *a: depthwise.depthwise_conv7x7_norm(*a, 1e-6)
   got_y, got_vjp = jax.vjp(jax.jit(fused), *args)
   want_y, want_vjp = jax.vjp(_conv_then_norm, *args)
-  _close(got_y, want_y, what="value")
+  assert_close(got_y, want_y, what="value")
   for i, (g, w) in enumerate(zip(got_vjp(cotangent), want_vjp(cotangent))):
-    _close(g, w, what=f"gradient of argument {i}")
+    assert_close(g, w, what=f"gradient of argument {i}")
 
 
 def test_block_fuses_norm_into_the_kernel():
@@ -87,7 +79,7 @@ def test_block_fuses_norm_into_the_kernel():
   hlo = jax.jit(Block(32).apply).lower(variables, x).as_text()
   assert "faer_dw7_norm_forward" in hlo and "faer_dw7_forward" not in hlo
   variables = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), variables)
-  _close(jax.jit(Block(32).apply)(variables, x), Block(32, conv_impl="xla").apply(variables, x))
+  assert_close(jax.jit(Block(32).apply)(variables, x), Block(32, conv_impl="xla").apply(variables, x))
 
 
 def test_kernel_result_does_not_depend_on_other_examples():
@@ -104,8 +96,8 @@ def test_module_auto_uses_the_kernel_on_cpu_and_matches_xla():
   variables = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(3), p.shape), variables)
   apply = lambda impl: jax.jit(lambda v, x: layers.DepthwiseConv7x7(24, impl=impl).apply(v, x))
   assert "faer_dw7_forward" in apply("auto").lower(variables, x).as_text()
-  _close(apply("auto")(variables, x), apply("xla")(variables, x))
-  _close(apply("kernel")(variables, x), apply("xla")(variables, x))
+  assert_close(apply("auto")(variables, x), apply("xla")(variables, x))
+  assert_close(apply("kernel")(variables, x), apply("xla")(variables, x))
 
 
 def test_bfloat16_falls_back_to_shifts_and_explicit_kernel_refuses():
@@ -133,7 +125,7 @@ def test_sharded_batch_stays_local():
   got = step(xs, ks)
   want = jax.jit(jax.value_and_grad(loss(_reference), argnums=(0, 1)))(x, kernel)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    _close(g, w)
+    assert_close(g, w)
 
   # The fused conv + norm: its per-row partial sums are reduced across devices by XLA.
   norm_params = (jnp.zeros(40), jnp.ones(40), jnp.zeros(40))
@@ -146,7 +138,7 @@ def test_sharded_batch_stays_local():
   got = step(xs, ks, *norm_params)
   want = jax.jit(jax.value_and_grad(loss(_conv_then_norm), argnums=(0, 1, 2, 3, 4)))(x, kernel, *norm_params)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    _close(g, w)
+    assert_close(g, w)
 
 
 def test_model_gradients_match_xla_impl():
@@ -158,9 +150,9 @@ def test_model_gradients_match_xla_impl():
     return jax.jit(jax.value_and_grad(lambda p: jnp.sum(model(impl).apply({"params": p}, images)[1] ** 2)))
 
   (lk, gk), (lx, gx) = loss("kernel")(params), loss("xla")(params)
-  _close(lk, lx, rtol=1e-5)
+  assert_close(lk, lx, rtol=1e-5)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(gk), jax.tree.leaves(gx)):
-    _close(a, b, rtol=1e-4, what=jax.tree_util.keystr(path))
+    assert_close(a, b, rtol=1e-4, what=jax.tree_util.keystr(path))
 
 
 # --- CC Attention's grouped conv ------------------------------------------------------
@@ -184,7 +176,7 @@ def test_grouped_kernel_equals_grouped_convolution(shape, groups, out):
       x, kernel, cotangent)
   want = _value_and_grads(lambda x, k: _grouped_reference(x, k, groups), x, kernel, cotangent)
   for g, w, what in zip(got, want, ("value", "input gradient", "kernel gradient")):
-    _close(g, w, what=what)
+    assert_close(g, w, what=what)
 
 
 def test_grouped_conv_module_picks_the_kernel_where_it_applies():
@@ -193,7 +185,7 @@ def test_grouped_conv_module_picks_the_kernel_where_it_applies():
   variables = module("xla").init(jax.random.key(1), x)
   lowered = lambda m, v: jax.jit(m.apply).lower(v, x).as_text()
   assert "faer_gconv7_forward" in lowered(module("auto"), variables)
-  _close(jax.jit(module("auto").apply)(variables, x), module("xla").apply(variables, x))
+  assert_close(jax.jit(module("auto").apply)(variables, x), module("xla").apply(variables, x))
   # 8 output channels per group is not a multiple of 16: four dense convs instead.
   narrow = module("auto", 32).init(jax.random.key(1), x)
   assert "faer_gconv7" not in lowered(module("auto", 32), narrow)
@@ -213,7 +205,7 @@ def test_grouped_kernel_gradient_is_summed_across_devices():
   got = step(xs, ks)
   want = jax.jit(jax.value_and_grad(loss(_grouped_reference), argnums=(0, 1)))(x, kernel)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    _close(g, w)
+    assert_close(g, w)
 
 
 def _python(code: str, **env) -> subprocess.CompletedProcess:
@@ -280,14 +272,14 @@ def test_model_under_vmap_matches_xla():
   apply = lambda m, p, x: m.apply({"params": p}, x)[1]
 
   batches = lambda m: jax.vmap(lambda x: apply(m, params, x))(x)
-  _close(jax.jit(lambda: batches(kernel_model))(), batches(xla_model), rtol=1e-5)
+  assert_close(jax.jit(lambda: batches(kernel_model))(), batches(xla_model), rtol=1e-5)
 
   per_example = lambda m: jax.vmap(jax.grad(lambda p, xi: apply(m, p, xi[None]).sum()), in_axes=(None, 0))(
       params, x[0])
   got, want = jax.jit(lambda: per_example(kernel_model))(), per_example(xla_model)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
-    _close(a, b, rtol=1e-4, what=jax.tree_util.keystr(path))
+    assert_close(a, b, rtol=1e-4, what=jax.tree_util.keystr(path))
 
   ensemble = jax.tree.map(lambda p: jnp.stack([p, 1.1 * p]), params)
   members = lambda m: jax.vmap(lambda p: apply(m, p, x[0]))(ensemble)
-  _close(jax.jit(lambda: members(kernel_model))(), members(xla_model), rtol=1e-5)
+  assert_close(jax.jit(lambda: members(kernel_model))(), members(xla_model), rtol=1e-5)

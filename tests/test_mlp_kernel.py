@@ -16,15 +16,7 @@ from faer_jax import kernels
 from faer_jax.kernels import mlp
 from faer_jax.models import layers
 from faer_jax.models.convnext import Block
-
-RTOL = 2e-5  # relative to the largest magnitude
-
-
-def _close(got, want, rtol=RTOL, what=""):
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  assert got.shape == want.shape, what
-  err = np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-30)
-  assert err < rtol, f"{what}: relative error {err:.2e}"
+from faer_jax.testing import assert_close
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -61,10 +53,10 @@ def test_value_and_gradients_equal_xla(shape, keep):
   run = lambda fn: jax.vjp(lambda *a: fn(*a, mask, keep) if mask is not None else fn(*a), *args)
   y, vjp = jax.jit(lambda: run(mlp.mlp_residual))()
   want_y, want_vjp = run(_reference)
-  _close(y, want_y, what="value")
+  assert_close(y, want_y, what="value")
   got, want = jax.jit(vjp)(cotangent), want_vjp(cotangent)
   for name, g, w in zip(("x", "w1", "b1", "w2", "b2", "gamma", "shortcut"), got, want):
-    _close(g, w, what=name)
+    assert_close(g, w, what=name)
 
 
 def test_gelu_and_its_derivative_match_the_exact_functions():
@@ -100,13 +92,13 @@ def test_block_runs_the_fused_kernel_with_the_same_drop_path_masks():
   assert "faer_mlp" not in jax.jit(apply(plain)).lower(variables, x).as_text()
   y = jax.jit(apply(fused))(variables, x)
   want = apply(plain)(variables, x)
-  _close(y, want)
+  assert_close(y, want)
   branch = np.abs(np.asarray(want - x)).reshape(8, -1).max(axis=1)
   assert 0 < np.sum(branch == 0) < 8  # some examples dropped, some kept: the masks were compared
   loss = lambda block: lambda v: jnp.sum(jnp.sin(apply(block)(v, x)))
   got, want = jax.jit(jax.grad(loss(fused)))(variables), jax.grad(loss(plain))(variables)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
-    _close(a, b, what=jax.tree_util.keystr(path))
+    assert_close(a, b, what=jax.tree_util.keystr(path))
 
 
 def test_wide_blocks_keep_xla_matmuls():
@@ -133,7 +125,7 @@ def test_sharded_batch_stays_local_and_weight_gradients_are_summed():
   got = step(*sharded)
   want = jax.jit(jax.value_and_grad(loss(_reference), argnums=tuple(range(7))))(*args)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    _close(g, w)
+    assert_close(g, w)
 
 
 def test_gradients_do_not_depend_on_the_thread_count():
