@@ -13,3 +13,8 @@ def assert_close(got, want, rtol: float = RTOL, what: str = "") -> None:
   assert got.shape == want.shape, f"{what}: shapes {got.shape} and {want.shape}"
   err = np.max(np.abs(got - want), initial=0.0) / max(np.max(np.abs(want), initial=0.0), 1e-30)
   assert err < rtol, f"{what}: relative error {err:.2e}"
+
+
+def custom_calls(hlo: str, target_prefix: str) -> list[str]:
+  """The lines of HLO text that call a custom-call target whose name starts with `target_prefix`."""
+  return [line for line in hlo.splitlines() if f'custom_call_target="{target_prefix}' in line]

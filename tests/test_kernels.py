@@ -15,7 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from faer_jax import kernels
 from faer_jax.kernels import depthwise, grouped
 from faer_jax.models import create_model, layers
-from faer_jax.testing import assert_close
+from faer_jax.testing import assert_close, custom_calls
 
 
 def _reference(x, kernel):
@@ -120,7 +120,7 @@ def test_sharded_batch_stays_local():
   xs = jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp"))))
   ks = jax.device_put(kernel, NamedSharding(mesh, P(None, None, "fsdp")))
   hlo = step.lower(xs, ks).compile().as_text()
-  calls = [line for line in hlo.splitlines() if "custom_call_target=\"faer_dw7" in line]
+  calls = custom_calls(hlo, "faer_dw7")
   assert len(calls) == 3 and all("f32[1,9,11,40]" in line for line in calls), calls
   got = step(xs, ks)
   want = jax.jit(jax.value_and_grad(loss(_reference), argnums=(0, 1)))(x, kernel)
@@ -133,7 +133,7 @@ def test_sharded_batch_stays_local():
   loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))
   step = jax.jit(jax.value_and_grad(loss(fused), argnums=(0, 1, 2, 3, 4)))
   hlo = step.lower(xs, ks, *norm_params).compile().as_text()
-  calls = [line for line in hlo.splitlines() if "custom_call_target=\"faer_dw7" in line]
+  calls = custom_calls(hlo, "faer_dw7")
   assert len(calls) == 4 and all("f32[1,9,11,40]" in line for line in calls), calls
   got = step(xs, ks, *norm_params)
   want = jax.jit(jax.value_and_grad(loss(_conv_then_norm), argnums=(0, 1, 2, 3, 4)))(x, kernel, *norm_params)
@@ -200,7 +200,7 @@ def test_grouped_kernel_gradient_is_summed_across_devices():
   xs = jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp"))))
   ks = jax.device_put(kernel, NamedSharding(mesh, P(None, None, None, "fsdp")))
   hlo = step.lower(xs, ks).compile().as_text()
-  calls = [line for line in hlo.splitlines() if "custom_call_target=\"faer_gconv7" in line]
+  calls = custom_calls(hlo, "faer_gconv7")
   assert len(calls) == 3 and all("f32[1,7,7,64]" in line for line in calls), calls
   got = step(xs, ks)
   want = jax.jit(jax.value_and_grad(loss(_grouped_reference), argnums=(0, 1)))(x, kernel)

@@ -16,7 +16,7 @@ from faer_jax import kernels
 from faer_jax.kernels import mlp
 from faer_jax.models import layers
 from faer_jax.models.convnext import Block
-from faer_jax.testing import assert_close
+from faer_jax.testing import assert_close, custom_calls
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -120,7 +120,7 @@ def test_sharded_batch_stays_local_and_weight_gradients_are_summed():
   batch = NamedSharding(mesh, P(("data", "fsdp")))
   sharded = [jax.device_put(a, batch) if a.ndim == 4 else a for a in args]
   hlo = step.lower(*sharded).compile().as_text()
-  calls = [line for line in hlo.splitlines() if "custom_call_target=\"faer_mlp" in line]
+  calls = custom_calls(hlo, "faer_mlp")
   assert len(calls) == 2 and all("f32[1,5,6,32]" in line for line in calls), calls
   got = step(*sharded)
   want = jax.jit(jax.value_and_grad(loss(_reference), argnums=tuple(range(7))))(*args)

@@ -47,13 +47,8 @@ def cpu_peak_flops() -> float | None:
   return max(float(measure()) for _ in range(3))
 
 
-def lowered_flops(lowered: Any) -> float | None:
-  """The FLOPs XLA's cost analysis counts for a lowered, not yet compiled, program."""
-  return compiled_flops(lowered)
-
-
-def compiled_flops(compiled: Any) -> float | None:
-  """The FLOPs XLA counts for one call of a compiled program (`jit(f).lower(...).compile()`).
+def xla_flops(stage: Any) -> float | None:
+  """The FLOPs XLA counts for one call of a program, `jit(f).lower(...)` or its `.compile()`.
 
   XLA counts what it will execute: a rewrite such as the shifted depthwise conv
   is counted as its multiply-adds, and elementwise work (GELU, LayerNorm) counts
@@ -61,7 +56,7 @@ def compiled_flops(compiled: Any) -> float | None:
   Older jax versions return a list with one dict per program.
   """
   try:
-    analysis = compiled.cost_analysis()
+    analysis = stage.cost_analysis()
   except Exception:  # pylint: disable=broad-except  # not every backend implements it
     return None
   if isinstance(analysis, (list, tuple)):

@@ -110,7 +110,7 @@ class _JaxBench:
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     import optax  # pylint: disable=g-import-not-at-top
 
-    from faer_jax.benchmark.flops import compiled_flops, lowered_flops  # pylint: disable=g-import-not-at-top
+    from faer_jax.benchmark.flops import xla_flops  # pylint: disable=g-import-not-at-top
     from faer_jax.models import create_model  # pylint: disable=g-import-not-at-top
 
     self._jax = jax
@@ -125,22 +125,23 @@ class _JaxBench:
     tx = optax.adamw(LR, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WEIGHT_DECAY)
     train_step, eval_forward = _steps(model, tx)
     self.state = (params, tx.init(params))
-    # Compiled ahead of time: the cost analysis comes from the very program timed.
+    # Compiled ahead of time; the cost analysis comes from the very program timed...
     options = _compiler_options(args.compiler_option)
     self.train_step = jax.jit(train_step, donate_argnums=0).lower(
         self.state, self.images, self.labels).compile(compiler_options=options)
     self.eval_forward = jax.jit(eval_forward).lower(params, self.images).compile(compiler_options=options)
-    self.train_flops = compiled_flops(self.train_step)
-    self.eval_flops = compiled_flops(self.eval_forward)
+    counted_train, counted_eval = self.train_step, self.eval_forward
     if jax.default_backend() == "cpu" and model.conv_impl in ("auto", "kernel"):
-      # XLA counts a call of the C++ kernels as zero FLOPs: count the same step
-      # built from the pure-XLA layers ('shift': the depthwise conv as its 49
-      # multiply-adds, the grouped conv as dense ones per group, the MLP as
-      # matmuls), which compute the same function.
+      # ...except where it runs the C++ kernels, whose calls XLA counts as zero
+      # FLOPs: then the same step built from the pure-XLA layers ('shift': the
+      # depthwise conv as its 49 multiply-adds, the grouped conv as dense ones
+      # per group, the MLP as matmuls), lowered, which computes the same function.
       reference_train, reference_eval = _steps(create_model(args.variant, args.num_classes, dtype=dtype,
                                                             conv_impl="shift"), tx)
-      self.train_flops = lowered_flops(jax.jit(reference_train).lower(self.state, self.images, self.labels))
-      self.eval_flops = lowered_flops(jax.jit(reference_eval).lower(params, self.images))
+      counted_train = jax.jit(reference_train).lower(self.state, self.images, self.labels)
+      counted_eval = jax.jit(reference_eval).lower(params, self.images)
+    self.train_flops = xla_flops(counted_train)
+    self.eval_flops = xla_flops(counted_eval)
 
   def train(self) -> None:
     self.state, loss = self.train_step(self.state, self.images, self.labels)

@@ -93,8 +93,8 @@ inline vec Gelu(vec x) { return x * 0.5f * (1.f + Erf(x * kSqrtHalf)); }
 // ---------------------------------------------------------------------------
 // Matrix products. One register tile serves every product here:
 //   acc[i][v] += sum_{k < K} A[i * ars + k * aks] * B[k * bks + v * V]
-// for R rows and NV vectors of 16 columns. A is read in place (row-major) or
-// from a packed copy, B from memory or packed (see Lhs and Operand).
+// for R rows and NV vectors of 16 columns. A is read in place, row-major or
+// transposed (Lhs); B from memory or packed into panels (Operand).
 
 constexpr int MR = 12;  // rows per register tile (24 accumulators + 2 operands + 1 broadcast)
 
@@ -114,22 +114,20 @@ inline void Tile(const float* A, int64_t ars, int64_t aks, const float* B, int64
   }
 }
 
+// A (M x K): element (m, k) at data[m * row + k * depth]. Row-major A has
+// row = ld, depth = 1 (Rows); the transpose of a row-major matrix, row = 1,
+// depth = ld.
+struct Lhs {
+  const float* data;
+  int64_t row, depth;
+  Lhs from(int64_t k0) const { return {data + k0 * depth, row, depth}; }
+};
+
+inline Lhs Rows(const float* a, int64_t ld) { return {a, ld, 1}; }
+
 // One R x NV*16 block at (r, c): start from zero or from `init` (row stride
 // ld_init), run the tile over K, hand every vector to epi(row, col, value).
 // B points at this block's columns.
-// A (M x K): element (m, k) at data[(m / MR) * group + (m % MR) * row + k * depth].
-// Row-major A has row = ld, depth = 1, group = MR * ld; a packed A (PackedLhs)
-// stores each group of MR rows k-major, so a register tile reads one stream.
-struct Lhs {
-  const float* data;
-  int64_t row, depth, group;
-  Lhs from(int64_t k0) const { return {data + k0 * depth, row, depth, group}; }
-};
-
-inline Lhs Rows(const float* a, int64_t ld) { return {a, ld, 1, MR * ld}; }
-// The layout of a packed A with K columns: [M / MR][K][MR].
-inline Lhs PackedLhs(const float* a, int64_t K) { return {a, 1, MR, MR * K}; }
-inline int64_t PackedLhsIndex(int64_t m, int64_t k, int64_t K) { return (m / MR) * MR * K + k * MR + m % MR; }
 
 template <int R, int NV, class Epi>
 inline void Block(int64_t r, int64_t c, int64_t K, const Lhs& A, const float* B, int64_t bks, const float* init,
@@ -140,7 +138,7 @@ inline void Block(int64_t r, int64_t c, int64_t K, const Lhs& A, const float* B,
 #pragma GCC unroll 2
     for (int v = 0; v < NV; ++v)
       acc[i][v] = init ? load(init + (r + i) * ld_init + c + v * V) : vec{};
-  Tile<R, NV>(A.data + (r / MR) * A.group + (r % MR) * A.row, A.row, A.depth, B, bks, K, acc);
+  Tile<R, NV>(A.data + r * A.row, A.row, A.depth, B, bks, K, acc);
 #pragma GCC unroll 12
   for (int i = 0; i < R; ++i)
 #pragma GCC unroll 2
@@ -156,10 +154,6 @@ struct Operand {
   const float* at(int64_t k, int64_t c) const { return data + (c / (2 * V)) * panel + k * row + c % (2 * V); }
   Operand from(int64_t k0, int64_t c0) const { return {at(k0, c0), row, panel}; }
 };
-
-// The layout Pack() makes, for K rows: element (k, n) at this index.
-inline int64_t PackedIndex(int64_t k, int64_t n, int64_t K) { return (n / (2 * V)) * 2 * V * K + k * 2 * V + n % (2 * V); }
-inline Operand Packed(const float* b, int64_t K) { return {b, 2 * V, 2 * V * K}; }
 
 inline Operand Plain(const float* b, int64_t ld) { return {b, ld, 2 * V}; }
 
@@ -403,9 +397,9 @@ void WeightGradients(const BackwardArgs& q, int64_t rows, int64_t f0, int64_t fn
   const int64_t C = q.s.C, F = q.s.F;
   for (int64_t k0 = 0; k0 < rows; k0 += S / 2) {
     const int64_t kn = std::min(S / 2, rows - k0);
-    Gemm(C, fn, kn, Lhs{X + k0 * ld, 1, ld, MR}, Plain(D + k0 * ldf + f0, ldf), dw1 + f0, F, nullptr,
+    Gemm(C, fn, kn, Lhs{X + k0 * ld, 1, ld}, Plain(D + k0 * ldf + f0, ldf), dw1 + f0, F, nullptr,
          [&](int64_t r, int64_t c, vec v) { store(dw1 + r * F + f0 + c, v); });
-    Gemm(fn, C, kn, Lhs{Hs + k0 * ldf + f0, 1, ldf, MR}, Plain(G + k0 * ld, ld), dw2 + f0 * C, C, nullptr,
+    Gemm(fn, C, kn, Lhs{Hs + k0 * ldf + f0, 1, ldf}, Plain(G + k0 * ld, ld), dw2 + f0 * C, C, nullptr,
          [&](int64_t r, int64_t c, vec v) { store(dw2 + (f0 + r) * C + c, v); });
   }
   for (int64_t c = 0; c < fn; c += V) {
