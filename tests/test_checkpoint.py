@@ -192,15 +192,20 @@ def test_unfinished_save_is_ignored_and_cleaned_up(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir() if p.name[0].isdigit()) == ["1", "2", "3"]
 
 
-# Saves step 1, starts an asynchronous save of a large step 2, and dies by SIGKILL.
+# Saves step 1, starts an asynchronous save of a large step 2, and dies by SIGKILL
+# as soon as step 2's temporary directory exists (killing right after save()
+# returned could land before Orbax had created it, on a busy machine).
 _KILLED_SAVER = textwrap.dedent("""
-    import os, signal, sys
+    import os, pathlib, signal, sys, time
     import jax.numpy as jnp
     from faer_jax import checkpoint
     manager = checkpoint.CheckpointManager(sys.argv[1])
     manager.save(1, {"w": jnp.ones((8, 1024, 1024))})
     manager.wait_until_finished()
     manager.save(2, {"w": jnp.full((8, 1024, 1024), 2.0)})
+    tmp, deadline = pathlib.Path(sys.argv[1]) / "2.orbax-checkpoint-tmp", time.monotonic() + 30
+    while not tmp.exists() and time.monotonic() < deadline:
+      time.sleep(0.0005)
     os.kill(os.getpid(), signal.SIGKILL)
 """)
 
