@@ -129,8 +129,12 @@ inline Lhs Rows(const float* a, int64_t ld) { return {a, ld, 1}; }
 // ld_init), run the tile over K, hand every vector to epi(row, col, value).
 // B points at this block's columns.
 
+//
+// Never inlined: inside a caller with more values live (the FFI handler's
+// lambdas), GCC kept part of the 24 accumulators on the stack, which cost the
+// fc1 + GELU product of the forward 25 % (C = 96) in the built library.
 template <int R, int NV, class Epi>
-inline void Block(int64_t r, int64_t c, int64_t K, const Lhs& A, const float* B, int64_t bks, const float* init,
+__attribute__((noinline)) void Block(int64_t r, int64_t c, int64_t K, const Lhs& A, const float* B, int64_t bks, const float* init,
                   int64_t ld_init, Epi& epi) {
   vec acc[MR][2];
 #pragma GCC unroll 12
@@ -198,7 +202,14 @@ void Gemm(int64_t M, int64_t N, int64_t K, const Lhs& A, const Operand& B, const
         const float* b = B.at(k0, c);
         auto columns = [&](auto nv) {
           constexpr int NV = decltype(nv)::value;
-          for (int64_t r = 0; r < mr; r += MR) Block<MR, NV>(r, c, kn, a, b, bks, in, ld_in, out);
+          for (int64_t r = 0; r < mr; r += MR) {
+            // The next tile's starting values (the weight gradients being
+            // added to lie in memory, not cache): fetched while this one runs.
+            if (in && r + 2 * MR <= M)
+              for (int i = 0; i < MR; ++i)
+                for (int v = 0; v < NV; ++v) __builtin_prefetch(in + (r + MR + i) * ld_in + c + v * V);
+            Block<MR, NV>(r, c, kn, a, b, bks, in, ld_in, out);
+          }
           for (int64_t r = mr; r < m8; r += 8) Block<8, NV>(r, c, kn, a, b, bks, in, ld_in, out);
           for (int64_t r = m8; r < m4; r += 4) Block<4, NV>(r, c, kn, a, b, bks, in, ld_in, out);
           for (int64_t r = m4; r < M; ++r) Block<1, NV>(r, c, kn, a, b, bks, in, ld_in, out);
@@ -257,57 +268,68 @@ bool CheckShapes(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>& w1
   return ad[0] == s->C && bd[0] == s->F && bd[1] == s->C && s->C % V == 0 && s->F % V == 0;
 }
 
+struct ForwardArgs {
+  Shapes s;
+  const float *x, *w1, *b1, *w2, *b2, *gamma, *shortcut, *mask;
+  float keep;
+  float *y, *pre, *z;  // pre and z: training only
+};
+
+// Rows [r0, r0 + rows) of the forward (rows <= tr, the task size the scratch is sized for).
+template <bool kTrain>
+void ForwardRows(const ForwardArgs& q, const Operand& W1, const Operand& W2, int64_t r0, int64_t rows, int64_t tr) {
+  const int64_t C = q.s.C, F = q.s.F, fb = HiddenBlock(F), ld = Padded(C);
+  const bool drop = q.keep != 1.f;
+  // This task's rows of x, the fc2 accumulator, one hidden block, and the
+  // partial sums of a product between passes.
+  float* xr = Scratch(2 * tr * ld + tr * fb + tr * std::max(C, fb));
+  float* acc = xr + tr * ld;
+  float* h = acc + tr * ld;
+  float* partial = h + tr * fb;
+  for (int64_t r = 0; r < rows; ++r) std::copy_n(q.x + (r0 + r) * C, C, xr + r * ld);
+  for (int64_t f0 = 0; f0 < F; f0 += fb) {
+    const int64_t fn = std::min(fb, F - f0);
+    Gemm(rows, fn, C, Rows(xr, ld), W1.from(0, f0), nullptr, 0, partial, [&](int64_t r, int64_t c, vec v) {
+      v += load(q.b1 + f0 + c);
+      if (kTrain) store(q.pre + (r0 + r) * F + f0 + c, v);
+      store(h + r * fb + c, Gelu(v));
+    });
+    Gemm(rows, C, fn, Rows(h, fb), W2.from(f0, 0), f0 ? acc : nullptr, ld, partial,
+         [&](int64_t r, int64_t c, vec v) { store(acc + r * ld + c, v); });
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t row = r0 + r;
+    const float m = drop ? q.mask[row / q.s.per_example] : 1.f;
+    for (int64_t c = 0; c < C; c += V) {
+      const vec zv = load(acc + r * ld + c) + load(q.b2 + c);
+      if (kTrain) store(q.z + row * C + c, zv);
+      vec u = load(q.gamma + c) * zv;
+      if (drop) u = u * m / q.keep;
+      store(q.y + row * C + c, load(q.shortcut + row * C + c) + u);
+    }
+  }
+}
+
 template <bool kTrain>
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w1, ffi::Buffer<ffi::F32> b1,
                    ffi::Buffer<ffi::F32> w2, ffi::Buffer<ffi::F32> b2, ffi::Buffer<ffi::F32> gamma,
                    ffi::Buffer<ffi::F32> shortcut, ffi::Buffer<ffi::F32> mask, float keep,
                    ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> pre, ffi::ResultBuffer<ffi::F32> z) {
-  Shapes s;
-  if (!CheckShapes(x, w1, w2, &s))
+  ForwardArgs q;
+  if (!CheckShapes(x, w1, w2, &q.s))
     return ffi::Error::InvalidArgument("faer_mlp: expected x (..., C), w1 (C, F), w2 (F, C), C and F % 16 == 0");
-  const int64_t M = s.M, C = s.C, F = s.F;
-  const float *xp = x.typed_data(), *w1p = w1.typed_data(), *b1p = b1.typed_data(), *w2p = w2.typed_data();
-  const float *b2p = b2.typed_data(), *gp = gamma.typed_data(), *sp = shortcut.typed_data();
-  const float* mp = mask.typed_data();
-  float* yp = y->typed_data();
-  float* pp = kTrain ? pre->typed_data() : nullptr;
-  float* zp = kTrain ? z->typed_data() : nullptr;
-  const int64_t tr = TaskRows(M, C, pool.num_threads()), fb = HiddenBlock(F), ld = Padded(C);
-  const bool drop = keep != 1.f;
+  q.x = x.typed_data(), q.w1 = w1.typed_data(), q.b1 = b1.typed_data(), q.w2 = w2.typed_data();
+  q.b2 = b2.typed_data(), q.gamma = gamma.typed_data(), q.shortcut = shortcut.typed_data();
+  q.mask = mask.typed_data(), q.keep = keep, q.y = y->typed_data();
+  q.pre = kTrain ? pre->typed_data() : nullptr;
+  q.z = kTrain ? z->typed_data() : nullptr;
+  const int64_t M = q.s.M, C = q.s.C, F = q.s.F, tr = TaskRows(M, C, pool.num_threads());
   std::vector<float> w1_buffer, w2_buffer;
-  const Operand W1 = Pack(w1p, C, F, F, 1, w1_buffer);  // fc1: K = C, N = F
-  const Operand W2 = Pack(w2p, F, C, C, 1, w2_buffer);  // fc2: K = F, N = C
+  const Operand W1 = Pack(q.w1, C, F, F, 1, w1_buffer);  // fc1: K = C, N = F
+  const Operand W2 = Pack(q.w2, F, C, C, 1, w2_buffer);  // fc2: K = F, N = C
   ParallelFor(pool, (M + tr - 1) / tr, [&](int64_t task) {
-    const int64_t r0 = task * tr, rows = std::min(tr, M - r0);
-    // This task's rows of x, the fc2 accumulator, one hidden block, and the
-    // partial sums of a product between passes.
-    float* xr = Scratch(2 * tr * ld + tr * fb + tr * std::max(C, fb));
-    float* acc = xr + tr * ld;
-    float* h = acc + tr * ld;
-    float* partial = h + tr * fb;
-    for (int64_t r = 0; r < rows; ++r) std::copy_n(xp + (r0 + r) * C, C, xr + r * ld);
-    for (int64_t f0 = 0; f0 < F; f0 += fb) {
-      const int64_t fn = std::min(fb, F - f0);
-      Gemm(rows, fn, C, Rows(xr, ld), W1.from(0, f0), nullptr, 0, partial,
-           [&](int64_t r, int64_t c, vec v) {
-             v += load(b1p + f0 + c);
-             if (kTrain) store(pp + (r0 + r) * F + f0 + c, v);
-             store(h + r * fb + c, Gelu(v));
-           });
-      Gemm(rows, C, fn, Rows(h, fb), W2.from(f0, 0), f0 ? acc : nullptr, ld, partial,
-           [&](int64_t r, int64_t c, vec v) { store(acc + r * ld + c, v); });
-    }
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t row = r0 + r;
-      const float m = drop ? mp[row / s.per_example] : 1.f;
-      for (int64_t c = 0; c < C; c += V) {
-        const vec zv = load(acc + r * ld + c) + load(b2p + c);
-        if (kTrain) store(zp + row * C + c, zv);
-        vec u = load(gp + c) * zv;
-        if (drop) u = u * m / keep;
-        store(yp + row * C + c, load(sp + row * C + c) + u);
-      }
-    }
+    const int64_t r0 = task * tr;
+    ForwardRows<kTrain>(q, W1, W2, r0, std::min(tr, M - r0), tr);
   });
   return ffi::Error::Success();
 }
