@@ -395,7 +395,8 @@ void MakeG(const BackwardArgs& q, int64_t r0, int64_t a, int64_t b, float* G, fl
 // r0, then D and Hs (row stride ldf, column f0 + c). The block of the saved
 // pre-activation is first copied row by row into `partial` (rows x fn): read in
 // the epilogue's order, 12 rows at a time, it came from memory at a fraction of
-// the bandwidth (the prefetcher does not follow it).
+// the bandwidth (the prefetcher does not follow it). db1 += the column sums of
+// D, added in the epilogue (which sees each column's rows in ascending order).
 void HiddenGradient(const BackwardArgs& q, int64_t r0, int64_t rows, int64_t f0, int64_t fn, const float* G,
                     int64_t ld, const Operand& W2T, float* D, float* Hs, int64_t ldf, float* partial) {
   const int64_t C = q.s.C, F = q.s.F;
@@ -405,7 +406,9 @@ void HiddenGradient(const BackwardArgs& q, int64_t r0, int64_t rows, int64_t f0,
   Gemm(rows, fn, C, Rows(G, ld), W2T.from(0, f0), nullptr, 0, partial, [&](int64_t r, int64_t c, vec v) {
     const vec p = load(P + r * fn + c);
     const vec cdf = 0.5f * (1.f + Erf(p * kSqrtHalf));
-    store(D + r * ldf + f0 + c, v * (cdf + p * (ExpNonPositive(p * p * -0.5f) * kInvSqrt2Pi)));
+    const vec d = v * (cdf + p * (ExpNonPositive(p * p * -0.5f) * kInvSqrt2Pi));
+    store(D + r * ldf + f0 + c, d);
+    store(q.db1 + f0 + c, load(q.db1 + f0 + c) + d);
     store(Hs + r * ldf + f0 + c, p * cdf);
   });
 }
@@ -413,9 +416,9 @@ void HiddenGradient(const BackwardArgs& q, int64_t r0, int64_t rows, int64_t f0,
 // The weight gradients of hidden columns [f0, f0 + fn) over rows [0, rows) of
 // the super-tile at r0, added in place to dw1 (C x F) and dw2 (F x C), in two
 // halves of the rows so that a B panel and the A rows a register tile reads
-// fit in L1 together; db1 likewise.
+// fit in L1 together.
 void WeightGradients(const BackwardArgs& q, int64_t rows, int64_t f0, int64_t fn, const float* G, const float* X,
-                     int64_t ld, const float* D, const float* Hs, int64_t ldf, float* dw1, float* dw2, float* db1) {
+                     int64_t ld, const float* D, const float* Hs, int64_t ldf, float* dw1, float* dw2) {
   const int64_t C = q.s.C, F = q.s.F;
   for (int64_t k0 = 0; k0 < rows; k0 += S / 2) {
     const int64_t kn = std::min(S / 2, rows - k0);
@@ -423,11 +426,6 @@ void WeightGradients(const BackwardArgs& q, int64_t rows, int64_t f0, int64_t fn
          [&](int64_t r, int64_t c, vec v) { store(dw1 + r * F + f0 + c, v); });
     Gemm(fn, C, kn, Lhs{Hs + k0 * ldf + f0, 1, ldf}, Plain(G + k0 * ld, ld), dw2 + f0 * C, C, nullptr,
          [&](int64_t r, int64_t c, vec v) { store(dw2 + (f0 + r) * C + c, v); });
-  }
-  for (int64_t c = 0; c < fn; c += V) {
-    vec acc = load(db1 + f0 + c);
-    for (int64_t r = 0; r < rows; ++r) acc += load(D + r * ldf + f0 + c);
-    store(db1 + f0 + c, acc);
   }
 }
 
@@ -482,7 +480,7 @@ void BackwardByHiddenBlocks(ffi::ThreadPool& pool, const BackwardArgs& q, const 
     ParallelFor(pool, fblocks, [&](int64_t t) {
       const int64_t f0 = t * fb, fn = std::min(fb, F - f0);
       HiddenGradient(q, r0, rows, f0, fn, G, ld, W2T, D, Hs, ldf, Scratch(2 * rows * fn));
-      WeightGradients(q, rows, f0, fn, G, X, ld, D, Hs, ldf, q.dw1, q.dw2, q.db1);
+      WeightGradients(q, rows, f0, fn, G, X, ld, D, Hs, ldf, q.dw1, q.dw2);
       ScaleGradients(q, r0, rows, G, ld, t * V, fblocks * V, q.dgamma, q.db2);
     });
     const int64_t next = r0 + S, next_rows = std::max<int64_t>(0, std::min(S, M - next));
