@@ -33,23 +33,56 @@ namespace {
 inline int first_tap(int o) { return std::max(0, P - o); }
 inline int last_tap(int o, int len) { return std::min(K - 1, len - 1 - o + P); }
 
+// Output pixels [w, w + T) of row h (T <= W - w), channel vectors [0, cv): a
+// register tile of T pixels x 16 channels. Per kernel row, its 7 vectors are
+// loaded once and each input pixel of the row once, then added into every
+// output pixel it reaches; input pixels in the zero padding are skipped. Each
+// output sums its taps in the order (i, j), as a plain loop would.
+template <int T>
+__attribute__((noinline)) void ForwardTile(const float* x, const float* k, float* y, int W, int C, int h, int i0,
+                                           int i1, int w, int cv) {
+  for (int c = 0; c < cv; c += V) {
+    vec acc[T] = {};
+    for (int i = i0; i <= i1; ++i) {
+      const float* xr = x + ((int64_t)(h + i - P) * W) * C + c;
+      const float* kr = k + (int64_t)i * K * C + c;
+      vec kv[K];
+#pragma GCC unroll 7
+      for (int j = 0; j < K; ++j) kv[j] = load(kr + (int64_t)j * C);
+#pragma GCC unroll 24
+      for (int s = 0; s < T + K - 1; ++s) {
+        const int p = w - P + s;  // input pixel
+        if (p < 0 || p >= W) continue;
+        const vec xv = load(xr + (int64_t)p * C);
+#pragma GCC unroll 16
+        for (int t = 0; t < T; ++t)
+          if (s - t >= 0 && s - t < K) acc[t] += xv * kv[s - t];
+      }
+    }
+    for (int t = 0; t < T; ++t) store(y + (int64_t)(w + t) * C + c, acc[t]);
+  }
+}
+
+// ForwardTile<n> for n <= T.
+template <int T>
+void ForwardTiles(int n, const float* x, const float* k, float* y, int W, int C, int h, int i0, int i1, int w, int cv) {
+  if (n == T) ForwardTile<T>(x, k, y, W, C, h, i0, i1, w, cv);
+  else if constexpr (T > 1) ForwardTiles<T - 1>(n, x, k, y, W, C, h, i0, i1, w, cv);
+}
+
 // Output row h of one example (x: H x W x C; k: K x K x C) into y (W x C).
+// One thread, 8 examples: 56x56x128 9.9 -> 3.7 ms, 14x14x512 3.7 -> 0.86 ms,
+// 7x7x1024 10.2 -> 1.9 ms against the previous 4-pixel tiles (which reloaded
+// each input vector for every tap and ran the border pixels, all of them on a
+// 7x7 map, one accumulator at a time); 8- and 12-pixel tiles were in between.
 void ForwardRow(const float* x, const float* k, float* y, int H, int W, int C, int h) {
   const int i0 = first_tap(h), i1 = last_tap(h, H);
   const int cv = C - C % V;
-  constexpr int T = 4;  // output pixels per register tile
-  int w = 0;
-  auto pixel = [&](int w) {  // one pixel, any position, vector channels then the rest
+  constexpr int T = 16;  // output pixels per register tile (16 accumulators, 7 kernel vectors)
+  for (int w = 0; w < W; w += T) ForwardTiles<T>(std::min(T, W - w), x, k, y, W, C, h, i0, i1, w, cv);
+  // Channels past the last full vector: scalar.
+  for (int w = 0; w < W && cv < C; ++w) {
     const int j0 = first_tap(w), j1 = last_tap(w, W);
-    for (int c = 0; c < cv; c += V) {
-      vec acc = {};
-      for (int i = i0; i <= i1; ++i) {
-        const float* xr = x + ((int64_t)(h + i - P) * W) * C + c;
-        const float* kr = k + (int64_t)i * K * C + c;
-        for (int j = j0; j <= j1; ++j) acc += load(xr + (int64_t)(w + j - P) * C) * load(kr + (int64_t)j * C);
-      }
-      store(y + (int64_t)w * C + c, acc);
-    }
     for (int c = cv; c < C; ++c) {
       float acc = 0.f;
       for (int i = i0; i <= i1; ++i)
@@ -57,36 +90,7 @@ void ForwardRow(const float* x, const float* k, float* y, int H, int W, int C, i
           acc += x[((int64_t)(h + i - P) * W + (w + j - P)) * C + c] * k[((int64_t)i * K + j) * C + c];
       y[(int64_t)w * C + c] = acc;
     }
-  };
-  // Left border, interior tiles of T pixels with all 7 column taps, the rest.
-  for (; w < std::min(P, W); ++w) pixel(w);
-  for (; w + T <= W - P; w += T) {
-    for (int c = 0; c < cv; c += V) {
-      vec acc[T] = {};
-      for (int i = i0; i <= i1; ++i) {
-        const float* xr = x + ((int64_t)(h + i - P) * W + (w - P)) * C + c;
-        const float* kr = k + (int64_t)i * K * C + c;
-        for (int j = 0; j < K; ++j) {
-          const vec kv = load(kr + (int64_t)j * C);
-          for (int t = 0; t < T; ++t) acc[t] += load(xr + (int64_t)(t + j) * C) * kv;
-        }
-      }
-      for (int t = 0; t < T; ++t) store(y + (int64_t)(w + t) * C + c, acc[t]);
-    }
-    if (cv < C)
-      for (int t = 0; t < T; ++t) {
-        // Channels past the last full vector: scalar.
-        const int ww = w + t;
-        for (int c = cv; c < C; ++c) {
-          float acc = 0.f;
-          for (int i = i0; i <= i1; ++i)
-            for (int j = 0; j < K; ++j)
-              acc += x[((int64_t)(h + i - P) * W + (ww + j - P)) * C + c] * k[((int64_t)i * K + j) * C + c];
-          y[(int64_t)ww * C + c] = acc;
-        }
-      }
   }
-  for (; w < W; ++w) pixel(w);
 }
 
 // dk[i, j, c0:c0+V] (or the scalar tail when c0 >= cv) of one example.
