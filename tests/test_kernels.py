@@ -34,8 +34,10 @@ def _kernels_built():
 
 
 # Channels that are and are not multiples of the 16-wide vectors; maps smaller
-# than the kernel (every tap a border case) and wide enough for interior tiles.
-@pytest.mark.parametrize("shape", [(2, 9, 11, 40), (3, 5, 4, 16), (1, 1, 1, 5), (2, 2, 3, 33), (1, 14, 13, 96)])
+# than the kernel (every tap a border case) and wide enough for interior tiles;
+# rows of 37 pixels take three register tiles (16, 16 and 5 pixels).
+@pytest.mark.parametrize("shape", [(2, 9, 11, 40), (3, 5, 4, 16), (1, 1, 1, 5), (2, 2, 3, 33), (1, 14, 13, 96),
+                                   (1, 4, 37, 32)])
 def test_kernel_equals_grouped_convolution_value_and_gradients(shape):
   ks = jax.random.split(jax.random.key(sum(shape)), 3)
   x, kernel = jax.random.normal(ks[0], shape), jax.random.normal(ks[1], (7, 7, shape[-1]))
@@ -231,7 +233,7 @@ def test_without_the_kernels_the_model_uses_shifts(tmp_path):
   broken = _python(code, CXX="false", FAER_JAX_KERNEL_CACHE=str(tmp_path))
   assert broken.returncode == 0, broken.stderr
   assert broken.stdout.split() == ["False", "False"]
-  assert "depthwise_conv.cc, grouped_conv.cc, mlp.cc, peak.cc failed" in broken.stderr
+  assert "depthwise_conv.cc, grouped_conv.cc, mlp.cc, patch_conv.cc, peak.cc failed" in broken.stderr
   assert not list(tmp_path.iterdir())
 
 

@@ -34,13 +34,16 @@ import tempfile
 import jax
 
 _HERE = pathlib.Path(__file__).parent
-_SOURCES = (_HERE / "depthwise_conv.cc", _HERE / "grouped_conv.cc", _HERE / "mlp.cc", _HERE / "peak.cc")
-_HEADERS = (_HERE / "common.h",)
+_SOURCES = (_HERE / "depthwise_conv.cc", _HERE / "grouped_conv.cc", _HERE / "mlp.cc", _HERE / "patch_conv.cc",
+            _HERE / "peak.cc")
+_HEADERS = (_HERE / "common.h", _HERE / "gemm.h")
 _TARGETS = {"faer_dw7_forward": "FaerDw7Forward", "faer_dw7_kernel_grad": "FaerDw7KernelGrad",
             "faer_dw7_norm_forward": "FaerDw7NormForward", "faer_dw7_norm_backward": "FaerDw7NormBackward",
             "faer_gconv7_forward": "FaerGconv7Forward", "faer_gconv7_kernel_grad": "FaerGconv7KernelGrad",
             "faer_mlp_forward": "FaerMlpForward", "faer_mlp_forward_train": "FaerMlpForwardTrain",
-            "faer_mlp_backward": "FaerMlpBackward", "faer_peak_flops": "FaerPeakFlops"}
+            "faer_mlp_backward": "FaerMlpBackward", "faer_patch_forward": "FaerPatchForward",
+            "faer_patch_input_grad": "FaerPatchInputGrad", "faer_patch_kernel_grad": "FaerPatchKernelGrad",
+            "faer_peak_flops": "FaerPeakFlops"}
 
 
 class KernelUnavailable(RuntimeError):

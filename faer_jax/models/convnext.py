@@ -100,12 +100,11 @@ class Downsample(nn.Module):
   dim: int
   stem: bool
   dtype: Dtype = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    k = 4 if self.stem else 2
-    conv = nn.Conv(self.dim, (k, k), strides=(k, k), padding="VALID", dtype=self.dtype,
-                   kernel_init=layers.kernel_init, bias_init=layers.bias_init, name="conv")
+    conv = layers.PatchConv(self.dim, 4 if self.stem else 2, impl=self.conv_impl, dtype=self.dtype, name="conv")
     norm = layers.layer_norm(1e-6, self.dtype, "norm")
     return norm(conv(x)) if self.stem else conv(norm(x))
 
@@ -149,7 +148,8 @@ class ConvNeXt(nn.Module):
     x = images.astype(self.dtype)
     start = 0
     for i, (depth, dim) in enumerate(zip(self.depths, self.dims)):
-      x = Downsample(dim, stem=(i == 0), dtype=self.dtype, name=f"downsample_layers_{i}")(x)
+      x = Downsample(dim, stem=(i == 0), dtype=self.dtype, conv_impl=self.conv_impl,
+                     name=f"downsample_layers_{i}")(x)
       x = Stage(dim, tuple(rates[start:start + depth]), self.layer_scale_init_value, self.dtype,
                 self.conv_impl, name=f"stages_{i}")(x, train)
       start += depth

@@ -15,6 +15,7 @@ from faer_jax import kernels
 from faer_jax.kernels import depthwise as kernel_depthwise
 from faer_jax.kernels import grouped as kernel_grouped
 from faer_jax.kernels import mlp as kernel_mlp
+from faer_jax.kernels import patch as kernel_patch
 
 Dtype = Any
 
@@ -216,6 +217,43 @@ def _depthwise_bwd(residuals, g):
 
 
 depthwise_conv_shifts.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
+class PatchConv(nn.Module):
+  """A p x p convolution with stride p, no padding, and bias (NHWC): ConvNeXt's stem and downsampling.
+
+  Parameters `kernel` (p, p, C, features) and `bias` (features,), as
+  `nn.Conv(features, (p, p), strides=(p, p), padding='VALID')` stores them.
+
+  * 'xla': lax.conv_general_dilated, what nn.Conv runs.
+  * 'kernel': the C++ kernels of faer_jax.kernels (XLA:CPU, float32, features
+    a multiple of 16, H and W multiples of p; otherwise 'xla'), a matrix
+    product over patches. XLA:CPU runs the forward as fast, but the kernel
+    gradient as a convolution at 30-40 % of the CPU's peak and the input
+    gradient through transposed copies (base training: 180 ms of the
+    downsampling layers' gradients, benchmarks/README.md).
+  * 'auto': 'kernel' on CPU where it applies and the kernels build, else 'xla'.
+  The model's conv_impl value 'shift' (the pure-XLA CPU path) means 'xla' here.
+  """
+
+  features: int
+  patch: int
+  impl: str = "auto"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    p = self.patch
+    kernel = self.param("kernel", kernel_init, (p, p, x.shape[-1], self.features), jnp.float32)
+    bias = self.param("bias", bias_init, (self.features,), jnp.float32)
+    x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
+    impl = _resolve(self.impl, "kernel", "xla", ("xla", "shift", "kernel"))
+    if (impl == "kernel" and x.dtype == jnp.float32 and kernel_patch.supported(x.shape, kernel.shape)
+        and kernels.available()):
+      return kernel_patch.patch_conv(x, kernel, bias)
+    y = lax.conv_general_dilated(x, kernel, window_strides=(p, p), padding="VALID",
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y + bias
 
 
 class GroupedConv(nn.Module):

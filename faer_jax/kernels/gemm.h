@@ -1,0 +1,160 @@
+// The register-tiled matrix product shared by the CPU kernels (float32): the
+// MLP kernel's two products and their gradients (mlp.cc) and the patchify
+// convolutions (patch_conv.cc). Header-only, internal linkage.
+#ifndef FAER_JAX_KERNELS_GEMM_H_
+#define FAER_JAX_KERNELS_GEMM_H_
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "common.h"
+
+namespace faer {
+namespace {
+
+// Matrix products. One register tile serves every product here:
+//   acc[i][v] += sum_{k < K} A[i * ars + k * aks] * B[k * bks + v * V]
+// for R rows and NV vectors of 16 columns. A is read in place, row-major or
+// transposed (Lhs); B from memory or packed into panels (Operand).
+
+constexpr int MR = 12;  // rows per register tile (24 accumulators + 2 operands + 1 broadcast)
+
+template <int R, int NV>
+inline void Tile(const float* A, int64_t ars, int64_t aks, const float* B, int64_t bks, int64_t K,
+                 vec (&acc)[MR][2]) {
+  for (int64_t k = 0; k < K; ++k) {
+    vec b[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) b[v] = load(B + k * bks + v * V);
+#pragma GCC unroll 12
+    for (int i = 0; i < R; ++i) {
+      const float a = A[i * ars + k * aks];
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[i][v] += b[v] * a;
+    }
+  }
+}
+
+// A (M x K): element (m, k) at data[m * row + k * depth]. Row-major A has
+// row = ld, depth = 1 (Rows); the transpose of a row-major matrix, row = 1,
+// depth = ld.
+struct Lhs {
+  const float* data;
+  int64_t row, depth;
+  Lhs from(int64_t k0) const { return {data + k0 * depth, row, depth}; }
+};
+
+inline Lhs Rows(const float* a, int64_t ld) { return {a, ld, 1}; }
+
+// One R x NV*16 block at (r, c): start from zero or from `init` (row stride
+// ld_init), run the tile over K, hand every vector to epi(row, col, value).
+// B points at this block's columns.
+
+//
+// Never inlined: inside a caller with more values live (the FFI handler's
+// lambdas), GCC kept part of the 24 accumulators on the stack, which cost the
+// fc1 + GELU product of the forward 25 % (C = 96) in the built library.
+template <int R, int NV, class Epi>
+__attribute__((noinline)) void Block(int64_t r, int64_t c, int64_t K, const Lhs& A, const float* B, int64_t bks, const float* init,
+                  int64_t ld_init, Epi& epi) {
+  vec acc[MR][2];
+#pragma GCC unroll 12
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v)
+      acc[i][v] = init ? load(init + (r + i) * ld_init + c + v * V) : vec{};
+  Tile<R, NV>(A.data + r * A.row, A.row, A.depth, B, bks, K, acc);
+#pragma GCC unroll 12
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) epi(r + i, c + v * V, acc[i][v]);
+}
+
+// B (K x N) either as it lies in memory (Plain: row stride ld) or packed by
+// Pack() into 32-column panels, each K x 32 contiguous (the last one padded
+// with zeros), so that the panel a register tile reads is one dense stream.
+struct Operand {
+  const float* data;
+  int64_t row, panel;  // strides of k and of a 32-column panel
+  const float* at(int64_t k, int64_t c) const { return data + (c / (2 * V)) * panel + k * row + c % (2 * V); }
+  Operand from(int64_t k0, int64_t c0) const { return {at(k0, c0), row, panel}; }
+};
+
+inline Operand Plain(const float* b, int64_t ld) { return {b, ld, 2 * V}; }
+
+// Packs B (K x N, element (k, n) at b[k * ks + n * ns]).
+// The buffer's floats start on a cache line, so every vector load of a panel
+// reads one line.
+Operand Pack(const float* b, int64_t K, int64_t N, int64_t ks, int64_t ns, std::vector<float>& buffer) {
+  const int64_t panels = (N + 2 * V - 1) / (2 * V);
+  buffer.assign(panels * K * 2 * V + V, 0.f);
+  float* base = buffer.data() + (V - (reinterpret_cast<uintptr_t>(buffer.data()) / sizeof(float)) % V) % V;
+  for (int64_t p = 0; p < panels; ++p) {
+    const int64_t w = std::min<int64_t>(2 * V, N - p * 2 * V);
+    float* out = base + p * K * 2 * V;
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t c = 0; c < w; ++c) out[k * 2 * V + c] = b[k * ks + (p * 2 * V + c) * ns];
+  }
+  return {base, 2 * V, 2 * V * K};
+}
+
+constexpr int64_t KC = 256;  // depth of a pass: a 32-column panel of KC rows fills L1
+
+// out (M x N, N % 16 == 0) = [init +] A (M x K) B (K x N), in passes over KC
+// of the depth; every 32-column panel of B stays in L1 while all M rows pass
+// it. Between passes the partial sums wait in `partial` (M x N); epi sees
+// only the final values.
+template <class Epi>
+void Gemm(int64_t M, int64_t N, int64_t K, const Lhs& A, const Operand& B, const float* init, int64_t ld_init,
+          float* partial, Epi&& epi) {
+  auto keep_partial = [&](int64_t r, int64_t c, vec v) { store(partial + r * N + c, v); };
+  const int64_t mr = M - M % MR;
+  // Rows past the last whole register tile: in tiles of 8, 4 and 1.
+  const int64_t m8 = mr + (M - mr) / 8 * 8, m4 = m8 + (M - m8) / 4 * 4;
+  for (int64_t k0 = 0; k0 < K; k0 += KC) {
+    const int64_t kn = std::min(KC, K - k0);
+    const float* in = k0 ? partial : init;
+    const int64_t ld_in = k0 ? N : ld_init;
+    const Lhs a = A.from(k0);
+    auto pass = [&](auto& out) {
+      for (int64_t c = 0; c < N; c += 2 * V) {
+        const bool last_panel = c + 2 * V > N;
+        const int64_t bks = B.row;
+        const float* b = B.at(k0, c);
+        auto columns = [&](auto nv) {
+          constexpr int NV = decltype(nv)::value;
+          for (int64_t r = 0; r < mr; r += MR) {
+            // The next tile's starting values (the weight gradients being
+            // added to lie in memory, not cache): fetched while this one runs.
+            if (in && r + 2 * MR <= M)
+              for (int i = 0; i < MR; ++i)
+                for (int v = 0; v < NV; ++v) __builtin_prefetch(in + (r + MR + i) * ld_in + c + v * V);
+            Block<MR, NV>(r, c, kn, a, b, bks, in, ld_in, out);
+          }
+          for (int64_t r = mr; r < m8; r += 8) Block<8, NV>(r, c, kn, a, b, bks, in, ld_in, out);
+          for (int64_t r = m8; r < m4; r += 4) Block<4, NV>(r, c, kn, a, b, bks, in, ld_in, out);
+          for (int64_t r = m4; r < M; ++r) Block<1, NV>(r, c, kn, a, b, bks, in, ld_in, out);
+        };
+        if (last_panel) columns(std::integral_constant<int, 1>());
+        else columns(std::integral_constant<int, 2>());
+      }
+    };
+    if (k0 + kn < K) pass(keep_partial);
+    else pass(epi);
+  }
+}
+
+// Per-thread scratch that grows to the largest size asked for and is kept.
+thread_local std::vector<float> scratch;
+
+float* Scratch(int64_t size) {
+  if ((int64_t)scratch.size() < size) scratch.resize(size);
+  return scratch.data();
+}
+
+}  // namespace
+}  // namespace faer
+
+#endif  // FAER_JAX_KERNELS_GEMM_H_
