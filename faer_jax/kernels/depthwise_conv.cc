@@ -93,31 +93,54 @@ void ForwardRow(const float* x, const float* k, float* y, int H, int W, int C, i
   }
 }
 
+// dk[i, 0..6, c:c+16] += sum over output pixels [w, w + T) of row h of
+// x[h+i-3, w+t+j-3] * g[h, w+t] (xr, gr: those rows at channel c): the T
+// gradient vectors stay in registers and each input vector is loaded once.
+// Each dk entry adds its terms in ascending w, as a plain loop would.
+template <int T>
+__attribute__((noinline)) void KernelGradTile(const float* xr, const float* gr, int W, int C, int w, float* dk) {
+  vec acc[K], gv[T];
+#pragma GCC unroll 7
+  for (int j = 0; j < K; ++j) acc[j] = load(dk + j * V);
+#pragma GCC unroll 16
+  for (int t = 0; t < T; ++t) gv[t] = load(gr + (int64_t)(w + t) * C);
+#pragma GCC unroll 24
+  for (int s = 0; s < T + K - 1; ++s) {
+    const int p = w - P + s;  // input pixel
+    if (p < 0 || p >= W) continue;
+    const vec xv = load(xr + (int64_t)p * C);
+#pragma GCC unroll 16
+    for (int t = 0; t < T; ++t)
+      if (s - t >= 0 && s - t < K) acc[s - t] += xv * gv[t];
+  }
+#pragma GCC unroll 7
+  for (int j = 0; j < K; ++j) store(dk + j * V, acc[j]);
+}
+
+template <int T>
+void KernelGradTiles(int n, const float* xr, const float* gr, int W, int C, int w, float* dk) {
+  if (n == T) KernelGradTile<T>(xr, gr, W, C, w, dk);
+  else if constexpr (T > 1) KernelGradTiles<T - 1>(n, xr, gr, W, C, w, dk);
+}
+
 // dk[i, j, c0:c0+V] (or the scalar tail when c0 >= cv) of one example.
+// (16-pixel tiles, against one pixel at a time with 8 loads per 7 multiply-adds;
+// one thread, 8 examples: 56x56x128 8.5 -> 7.1 ms, 28x28x256 3.9 -> 2.6 ms,
+// 14x14x512 2.25 -> 1.75 ms; same sums.)
 void KernelGradChunk(const float* x, const float* g, float* dk, int H, int W, int C, int c0) {
   const int cv = C - C % V;
   if (c0 < cv) {
+    constexpr int T = 16;
     for (int i = 0; i < K; ++i) {
-      vec acc[K] = {};
+      float acc[K * V] = {};  // dk[i, 0..6, c0:c0+16]
       // Output rows h that see input row h + i - P.
       const int h0 = std::max(0, P - i), h1 = std::min(H - 1, H - 1 + P - i);
       for (int h = h0; h <= h1; ++h) {
         const float* xr = x + ((int64_t)(h + i - P) * W) * C + c0;
         const float* gr = g + ((int64_t)h * W) * C + c0;
-        int w = 0;
-        auto edge = [&](int w) {
-          const vec gv = load(gr + (int64_t)w * C);
-          for (int j = first_tap(w); j <= last_tap(w, W); ++j) acc[j] += load(xr + (int64_t)(w + j - P) * C) * gv;
-        };
-        for (; w < std::min(P, W); ++w) edge(w);
-        for (; w < W - P; ++w) {
-          const vec gv = load(gr + (int64_t)w * C);
-          const float* xw = xr + (int64_t)(w - P) * C;
-          for (int j = 0; j < K; ++j) acc[j] += load(xw + (int64_t)j * C) * gv;
-        }
-        for (; w < W; ++w) edge(w);
+        for (int w = 0; w < W; w += T) KernelGradTiles<T>(std::min(T, W - w), xr, gr, W, C, w, acc);
       }
-      for (int j = 0; j < K; ++j) store(dk + ((int64_t)i * K + j) * C + c0, acc[j]);
+      for (int j = 0; j < K; ++j) std::copy_n(acc + j * V, V, dk + ((int64_t)i * K + j) * C + c0);
     }
   } else {
     for (int c = cv; c < C; ++c)
