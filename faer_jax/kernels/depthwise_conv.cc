@@ -33,6 +33,24 @@ namespace {
 inline int first_tap(int o) { return std::max(0, P - o); }
 inline int last_tap(int o, int len) { return std::min(K - 1, len - 1 - o + P); }
 
+// The row window of output pixels [w, w + T): each input pixel of the row
+// (xr: the row at the current channels) that a tap reaches, loaded once, handed
+// to fn(t, j, x) for every output pixel w + t it reaches through tap column j,
+// in ascending input pixel; pixels in the zero padding are skipped. Unrolled
+// fully, so t and j are constants in fn.
+template <int T, class Fn>
+inline void ForWindow(const float* xr, int W, int C, int w, Fn&& fn) {
+#pragma GCC unroll 24
+  for (int s = 0; s < T + K - 1; ++s) {
+    const int p = w - P + s;  // input pixel
+    if (p < 0 || p >= W) continue;
+    const vec xv = load(xr + (int64_t)p * C);
+#pragma GCC unroll 16
+    for (int t = 0; t < T; ++t)
+      if (s - t >= 0 && s - t < K) fn(t, s - t, xv);
+  }
+}
+
 // Output pixels [w, w + T) of row h (T <= W - w), channel vectors [0, cv): a
 // register tile of T pixels x 16 channels. Per kernel row, its 7 vectors are
 // loaded once and each input pixel of the row once, then added into every
@@ -49,15 +67,7 @@ __attribute__((noinline)) void ForwardTile(const float* x, const float* k, float
       vec kv[K];
 #pragma GCC unroll 7
       for (int j = 0; j < K; ++j) kv[j] = load(kr + (int64_t)j * C);
-#pragma GCC unroll 24
-      for (int s = 0; s < T + K - 1; ++s) {
-        const int p = w - P + s;  // input pixel
-        if (p < 0 || p >= W) continue;
-        const vec xv = load(xr + (int64_t)p * C);
-#pragma GCC unroll 16
-        for (int t = 0; t < T; ++t)
-          if (s - t >= 0 && s - t < K) acc[t] += xv * kv[s - t];
-      }
+      ForWindow<T>(xr, W, C, w, [&](int t, int j, vec xv) { acc[t] += xv * kv[j]; });
     }
     for (int t = 0; t < T; ++t) store(y + (int64_t)(w + t) * C + c, acc[t]);
   }
@@ -104,15 +114,7 @@ __attribute__((noinline)) void KernelGradTile(const float* xr, const float* gr, 
   for (int j = 0; j < K; ++j) acc[j] = load(dk + j * V);
 #pragma GCC unroll 16
   for (int t = 0; t < T; ++t) gv[t] = load(gr + (int64_t)(w + t) * C);
-#pragma GCC unroll 24
-  for (int s = 0; s < T + K - 1; ++s) {
-    const int p = w - P + s;  // input pixel
-    if (p < 0 || p >= W) continue;
-    const vec xv = load(xr + (int64_t)p * C);
-#pragma GCC unroll 16
-    for (int t = 0; t < T; ++t)
-      if (s - t >= 0 && s - t < K) acc[s - t] += xv * gv[t];
-  }
+  ForWindow<T>(xr, W, C, w, [&](int t, int j, vec xv) { acc[j] += xv * gv[t]; });
 #pragma GCC unroll 7
   for (int j = 0; j < K; ++j) store(dk + j * V, acc[j]);
 }
