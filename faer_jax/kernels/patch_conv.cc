@@ -12,7 +12,7 @@
 // the forward well (YNNPACK), but the kernel gradient as a convolution at
 // 30-40 % of the CPU's peak and the input gradient through transposed copies.
 // Here tiles of patch rows are copied to scratch and run through the MLP
-// kernel's register tile (mlp_gemm.h). H and W must be multiples of p; O and,
+// kernel's register tile (gemm.h). H and W must be multiples of p; O and,
 // for the input gradient, p*C multiples of 16. Sums run in an order fixed by
 // the shapes, not by the thread count.
 
