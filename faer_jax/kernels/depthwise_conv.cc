@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -32,6 +33,14 @@ namespace {
 // Valid kernel offsets for output position `o` on an axis of length `len`.
 inline int first_tap(int o) { return std::max(0, P - o); }
 inline int last_tap(int o, int len) { return std::min(K - 1, len - 1 - o + P); }
+
+// fn(std::integral_constant<int, n>()) for a runtime n in [1, T]: the tile
+// functions below take their width as a template argument (registers).
+template <int T, class Fn>
+inline void WithTile(int n, Fn&& fn) {
+  if (n == T) fn(std::integral_constant<int, T>());
+  else if constexpr (T > 1) WithTile<T - 1>(n, fn);
+}
 
 // The row window of output pixels [w, w + T): each input pixel of the row
 // (xr: the row at the current channels) that a tap reaches, loaded once, handed
@@ -73,13 +82,6 @@ __attribute__((noinline)) void ForwardTile(const float* x, const float* k, float
   }
 }
 
-// ForwardTile<n> for n <= T.
-template <int T>
-void ForwardTiles(int n, const float* x, const float* k, float* y, int W, int C, int h, int i0, int i1, int w, int cv) {
-  if (n == T) ForwardTile<T>(x, k, y, W, C, h, i0, i1, w, cv);
-  else if constexpr (T > 1) ForwardTiles<T - 1>(n, x, k, y, W, C, h, i0, i1, w, cv);
-}
-
 // Output row h of one example (x: H x W x C; k: K x K x C) into y (W x C).
 // One thread, 8 examples: 56x56x128 9.9 -> 3.7 ms, 14x14x512 3.7 -> 0.86 ms,
 // 7x7x1024 10.2 -> 1.9 ms against the previous 4-pixel tiles (which reloaded
@@ -89,7 +91,9 @@ void ForwardRow(const float* x, const float* k, float* y, int H, int W, int C, i
   const int i0 = first_tap(h), i1 = last_tap(h, H);
   const int cv = C - C % V;
   constexpr int T = 16;  // output pixels per register tile (16 accumulators, 7 kernel vectors)
-  for (int w = 0; w < W; w += T) ForwardTiles<T>(std::min(T, W - w), x, k, y, W, C, h, i0, i1, w, cv);
+  for (int w = 0; w < W; w += T)
+    WithTile<T>(std::min(T, W - w),
+                [&](auto n) { ForwardTile<decltype(n)::value>(x, k, y, W, C, h, i0, i1, w, cv); });
   // Channels past the last full vector: scalar.
   for (int w = 0; w < W && cv < C; ++w) {
     const int j0 = first_tap(w), j1 = last_tap(w, W);
@@ -119,12 +123,6 @@ __attribute__((noinline)) void KernelGradTile(const float* xr, const float* gr, 
   for (int j = 0; j < K; ++j) store(dk + j * V, acc[j]);
 }
 
-template <int T>
-void KernelGradTiles(int n, const float* xr, const float* gr, int W, int C, int w, float* dk) {
-  if (n == T) KernelGradTile<T>(xr, gr, W, C, w, dk);
-  else if constexpr (T > 1) KernelGradTiles<T - 1>(n, xr, gr, W, C, w, dk);
-}
-
 // dk[i, j, c0:c0+V] (or the scalar tail when c0 >= cv) of one example.
 // (16-pixel tiles, against one pixel at a time with 8 loads per 7 multiply-adds;
 // one thread, 8 examples: 56x56x128 8.5 -> 7.1 ms, 28x28x256 3.9 -> 2.6 ms,
@@ -140,7 +138,8 @@ void KernelGradChunk(const float* x, const float* g, float* dk, int H, int W, in
       for (int h = h0; h <= h1; ++h) {
         const float* xr = x + ((int64_t)(h + i - P) * W) * C + c0;
         const float* gr = g + ((int64_t)h * W) * C + c0;
-        for (int w = 0; w < W; w += T) KernelGradTiles<T>(std::min(T, W - w), xr, gr, W, C, w, acc);
+        for (int w = 0; w < W; w += T)
+          WithTile<T>(std::min(T, W - w), [&](auto n) { KernelGradTile<decltype(n)::value>(xr, gr, W, C, w, acc); });
       }
       for (int j = 0; j < K; ++j) std::copy_n(acc + j * V, V, dk + ((int64_t)i * K + j) * C + c0);
     }
