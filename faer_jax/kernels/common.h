@@ -11,6 +11,7 @@
 #include <functional>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -32,6 +33,44 @@ inline vec load(const float* p) {
   return v;
 }
 inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof(v)); }
+inline void store(float* p, float v) { *p = v; }
+
+// load<vec> or load<float>: for code written once over whole vectors and a tail.
+template <class T>
+inline T load(const float* p) {
+  if constexpr (std::is_same_v<T, vec>) return load(p);
+  else return *p;
+}
+
+// The sum of a vector's lanes, in a fixed order: halves added lane-wise.
+inline float hsum(vec v) {
+  float s[V];
+  store(s, v);
+  for (int w = V / 2; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) s[l] += s[l + w];
+  return s[0];
+}
+
+// fn(c, T()) for the C channels of a pixel: T = vec at c = 0, 16, ... while a
+// whole vector fits, then T = float for the rest.
+template <class Fn>
+inline void ForChannels(int C, Fn&& fn) {
+  int c = 0;
+  for (; c + V <= C; c += V) fn(c, vec{});
+  for (; c < C; ++c) fn(c, 0.f);
+}
+
+// The sum over the channels of what fn(c, T()) returns (as ForChannels calls
+// it): lane-wise over the vectors, across the lanes, then the tail in order.
+template <class Fn>
+inline float SumChannels(int C, Fn&& fn) {
+  vec acc = {};
+  int c = 0;
+  for (; c + V <= C; c += V) acc += fn(c, vec{});
+  float sum = hsum(acc);
+  for (; c < C; ++c) sum += fn(c, 0.f);
+  return sum;
+}
 
 // Runs fn(0..n-1) on the caller and on XLA's intra-op threads. Tasks are
 // claimed from a shared counter; the caller waits only for helpers that have

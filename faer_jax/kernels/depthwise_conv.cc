@@ -208,21 +208,31 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 // The fused ConvNeXt pair: z = LayerNorm(dwconv(x) + bias) over channels, with
 // the LayerNorm's scale and shift; mean((y - mean)^2) as torch computes it.
 // Also returns each pixel's mean and 1/sqrt(var + eps) for the backward pass.
-void NormalizeRow(const float* y, const float* bias, const float* scale, const float* shift, float eps, int W,
-                  int C, float* z, float* mean_out, float* rstd_out) {
+// y (one row, W x C) becomes y + bias. The channel sums run over 16 lanes,
+// then across them (SumChannels): the scalar sums they replace were one long
+// dependency chain each and took longer than the convolution (16x14x14x512,
+// 2 threads: 2.15 ms against the conv's 0.65).
+void NormalizeRow(float* y, const float* bias, const float* scale, const float* shift, float eps, int W, int C,
+                  float* z, float* mean_out, float* rstd_out) {
   for (int w = 0; w < W; ++w) {
-    const float* yp = y + (int64_t)w * C;
-    float sum = 0.f;
-    for (int c = 0; c < C; ++c) sum += yp[c] + bias[c];
-    const float mean = sum / C;
-    float sq = 0.f;
-    for (int c = 0; c < C; ++c) {
-      const float d = yp[c] + bias[c] - mean;
-      sq += d * d;
-    }
+    float* yp = y + (int64_t)w * C;
+    const float mean = SumChannels(C, [&](int c, auto lanes) {
+                         using T = decltype(lanes);
+                         const T v = load<T>(yp + c) + load<T>(bias + c);
+                         store(yp + c, v);
+                         return v;
+                       }) / C;
+    const float sq = SumChannels(C, [&](int c, auto lanes) {
+      using T = decltype(lanes);
+      const T d = load<T>(yp + c) - mean;
+      return d * d;
+    });
     const float rstd = 1.f / std::sqrt(sq / C + eps);
     float* zp = z + (int64_t)w * C;
-    for (int c = 0; c < C; ++c) zp[c] = (yp[c] + bias[c] - mean) * rstd * scale[c] + shift[c];
+    ForChannels(C, [&](int c, auto lanes) {
+      using T = decltype(lanes);
+      store(zp + c, (load<T>(yp + c) - mean) * rstd * load<T>(scale + c) + load<T>(shift + c));
+    });
     mean_out[w] = mean;
     rstd_out[w] = rstd;
   }
@@ -288,24 +298,28 @@ ffi::Error NormBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
       const float m = mp[at], r = rp[at];
       const float* y = row + (int64_t)w * C;
       const float* g = gp + at * C;
-      float a = 0.f, b = 0.f;
-      for (int c = 0; c < C; ++c) {
-        const float xhat = (y[c] + bp[c] - m) * r;
-        const float gs = g[c] * sp[c];
-        a += gs;
-        b += gs * xhat;
-      }
-      a /= C;
-      b /= C;
+      auto xhat = [&](int c, auto lanes) {
+        using T = decltype(lanes);
+        return (load<T>(y + c) + load<T>(bp + c) - m) * r;
+      };
+      const float a = SumChannels(C, [&](int c, auto lanes) {
+                        using T = decltype(lanes);
+                        return load<T>(g + c) * load<T>(sp + c);
+                      }) / C;
+      const float b = SumChannels(C, [&](int c, auto lanes) {
+                        using T = decltype(lanes);
+                        return load<T>(g + c) * load<T>(sp + c) * xhat(c, lanes);
+                      }) / C;
       float* out = dyp + at * C;
-      for (int c = 0; c < C; ++c) {
-        const float xhat = (y[c] + bp[c] - m) * r;
-        const float v = r * (g[c] * sp[c] - a - xhat * b);
-        out[c] = v;
-        dscale[c] += g[c] * xhat;
-        dshift[c] += g[c];
-        dbias[c] += v;
-      }
+      ForChannels(C, [&](int c, auto lanes) {
+        using T = decltype(lanes);
+        const T gc = load<T>(g + c), xh = xhat(c, lanes);
+        const T v = r * (gc * load<T>(sp + c) - a - xh * b);
+        store(out + c, v);
+        store(dscale + c, load<T>(dscale + c) + gc * xh);
+        store(dshift + c, load<T>(dshift + c) + gc);
+        store(dbias + c, load<T>(dbias + c) + v);
+      });
     }
   });
   return ffi::Error::Success();
