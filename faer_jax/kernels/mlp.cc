@@ -110,6 +110,10 @@ inline int64_t HiddenBlock(int64_t F) { return std::min<int64_t>(F, 512); }
 // would put them 4 KB apart).
 inline int64_t Padded(int64_t C) { return C + V; }
 
+// The packed weights of the call in progress on this thread (kept: no new
+// pages for every call).
+thread_local std::vector<float> first_weights, second_weights;
+
 struct Shapes {
   int64_t M, C, F, per_example;
 };
@@ -185,9 +189,9 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   q.pre = kTrain ? pre->typed_data() : nullptr;
   q.z = kTrain ? z->typed_data() : nullptr;
   const int64_t M = q.s.M, C = q.s.C, F = q.s.F, tr = TaskRows(M, C, pool.num_threads());
-  std::vector<float> w1_buffer, w2_buffer;
-  const Operand W1 = Pack(q.w1, C, F, F, 1, w1_buffer);  // fc1: K = C, N = F
-  const Operand W2 = Pack(q.w2, F, C, C, 1, w2_buffer);  // fc2: K = F, N = C
+  const auto weights = Pack<2>(pool, {PackJob{q.w1, C, F, F, 1, &first_weights},    // fc1: K = C, N = F
+                                     PackJob{q.w2, F, C, C, 1, &second_weights}});  // fc2: K = F, N = C
+  const Operand &W1 = weights[0], &W2 = weights[1];
   ParallelFor(pool, (M + tr - 1) / tr, [&](int64_t task) {
     const int64_t r0 = task * tr;
     ForwardRows<kTrain>(q, W1, W2, r0, std::min(tr, M - r0), tr);
@@ -329,7 +333,8 @@ void BackwardByHiddenBlocks(ffi::ThreadPool& pool, const BackwardArgs& q, const 
   const int64_t fb = std::min<int64_t>(256, std::max<int64_t>(2 * V, F / (2 * threads) / (2 * V) * (2 * V)));
   const int64_t fblocks = (F + fb - 1) / fb;
   const int64_t ld = Padded(C), ldf = Padded(F);
-  std::vector<float> buffers(2 * S * ld + 2 * S * ldf);
+  thread_local std::vector<float> buffers;
+  buffers.resize(2 * S * ld + 2 * S * ldf);
   float *G = buffers.data(), *X = G + S * ld, *D = X + S * ld, *Hs = D + S * ldf;
   // Row groups of phase B: as many as threads, whole register tiles.
   const int64_t group = (S / threads + MR - 1) / MR * MR;
@@ -370,10 +375,9 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   q.dx = dx->typed_data(), q.dw1 = dw1->typed_data(), q.db1 = db1->typed_data();
   q.dw2 = dw2->typed_data(), q.db2 = db2->typed_data(), q.dgamma = dgamma->typed_data();
   const int64_t C = q.s.C, F = q.s.F;
-  std::vector<float> w2t_buffer, w1t_buffer;
-  const Operand W2T = Pack(q.w2, C, F, 1, C, w2t_buffer);  // dh = g w2^T: K = C, N = F
-  const Operand W1T = Pack(q.w1, F, C, 1, F, w1t_buffer);  // dx = D w1^T: K = F, N = C
-  BackwardByHiddenBlocks(pool, q, W1T, W2T);
+  const auto weights = Pack<2>(pool, {PackJob{q.w2, C, F, 1, C, &first_weights},    // dh = g w2^T: K = C, N = F
+                                     PackJob{q.w1, F, C, 1, F, &second_weights}});  // dx = D w1^T: K = F, N = C
+  BackwardByHiddenBlocks(pool, q, weights[1], weights[0]);
   return ffi::Error::Success();
 }
 

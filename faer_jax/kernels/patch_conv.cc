@@ -59,6 +59,9 @@ void CopyPatches(const float* x, const PatchShapes& s, int64_t m0, int64_t rows,
 constexpr int64_t kRows = 96;
 constexpr int64_t kColumns = 256;
 
+// The packed kernel of the call in progress on this thread (kept between calls).
+thread_local std::vector<float> packed_kernel;
+
 template <class Fn>
 void ForBlocks(ffi::ThreadPool& pool, int64_t M, int64_t N, Fn&& fn) {
   const int64_t row_blocks = (M + kRows - 1) / kRows, column_blocks = (N + kColumns - 1) / kColumns;
@@ -77,8 +80,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   const float *xp = x.typed_data(), *bp = bias.typed_data();
   float* yp = y->typed_data();
   const int64_t M = s.M(), Kp = s.Kp(), O = s.O, ld = Kp + V;
-  std::vector<float> k_buffer;
-  const Operand Wk = Pack(k.typed_data(), Kp, O, O, 1, k_buffer);
+  const Operand Wk = Pack<1>(pool, {PackJob{k.typed_data(), Kp, O, O, 1, &packed_kernel}})[0];
   ForBlocks(pool, M, O, [&](int64_t m0, int64_t rows, int64_t c0, int64_t cn) {
     float* buf = Scratch(rows * ld + rows * cn);
     CopyPatches(xp, s, m0, rows, buf, ld);
@@ -98,8 +100,7 @@ ffi::Error InputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buffer
   const float* gp = dy.typed_data();
   float* xp = dx->typed_data();
   const int64_t M = s.M(), Kp = s.Kp(), O = s.O;
-  std::vector<float> kt_buffer;
-  const Operand KT = Pack(k.typed_data(), O, Kp, 1, O, kt_buffer);  // k^T: K = O, N = p*p*C
+  const Operand KT = Pack<1>(pool, {PackJob{k.typed_data(), O, Kp, 1, O, &packed_kernel}})[0];  // k^T: K = O, N = p*p*C
   // Where each vector of a patch's columns goes in x: column c is in row
   // c / (p*C) of the patch, at offset c % (p*C) in it.
   std::vector<int64_t> column(Kp / V);
