@@ -87,10 +87,47 @@ class MetricWriter:
     if self.enabled:
       self._tb.add_text(tag, f"```\n{text}\n```", 0)
 
-  def progress(self, total: int, initial: int) -> tqdm.tqdm:
-    return tqdm.tqdm(total=total, initial=initial, disable=not self.enabled, unit="step", dynamic_ncols=True,
-                     file=sys.stderr, mininterval=1.0)
+  def progress(self, total: int, initial: int, stream=None):
+    """A progress bar on a terminal; elsewhere (a log file, a batch job) one line per log step.
+
+    tqdm redraws its bar with carriage returns every second, which a log file
+    keeps as one ever-growing line.
+    """
+    stream = stream or sys.stderr
+    if not self.enabled:
+      return tqdm.tqdm(total=total, initial=initial, disable=True)
+    if not getattr(stream, "isatty", lambda: False)():
+      return LineProgress(total, initial, stream)
+    return tqdm.tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=stream, mininterval=1.0)
 
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+class LineProgress:
+  """tqdm's interface (update, set_postfix, write, close) as plain lines.
+
+  `set_postfix` (called at each log step) queues the values; the next
+  `update` prints them as `step N/TOTAL  key=value ...` on a line of its own.
+  """
+
+  def __init__(self, total: int, initial: int, stream):
+    self.n, self.total, self._stream = initial, total, stream
+    self._postfix: dict[str, Any] | None = None
+
+  def set_postfix(self, **values: Any) -> None:
+    self._postfix = values
+
+  def update(self, n: int = 1) -> None:
+    self.n += n
+    if self._postfix is not None:
+      fields = "  ".join(f"{k}={v}" for k, v in self._postfix.items())
+      self.write(f"step {self.n}/{self.total}  {fields}")
+      self._postfix = None
+
+  def write(self, message: str) -> None:
+    print(message, file=self._stream, flush=True)
+
+  def close(self) -> None:
+    pass

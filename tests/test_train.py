@@ -1,6 +1,7 @@
 """End-to-end training: the demo config shrunk to a few steps, resume, SIGTERM, devices, processes."""
 
 import importlib.util
+import io
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from faer_jax import evaluate, steps, train
+from faer_jax import evaluate, metric_writer, steps, train
 from faer_jax.data.synth import ensure_synthetic_rafdb
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -222,3 +223,29 @@ def test_fsdp_and_bfloat16(uninterrupted, synth_root, tmp_path):
   assert losses[0] == pytest.approx(first, rel=0.02)
   step, params, _ = final_params(tmp_path, synth_root)
   assert step == 2 and all(p.dtype == np.float32 for p in jax.tree.leaves(params))
+
+
+def test_progress_is_plain_lines_off_a_terminal(tmp_path):
+  """In a log file: one newline-terminated line per log step, no carriage-return redraws."""
+  stream = io.StringIO()  # isatty() is False, as for a file or a pipe
+  progress = metric_writer.MetricWriter(str(tmp_path)).progress(total=6, initial=2, stream=stream)
+  for step in range(3, 7):
+    if step % 2 == 0:
+      progress.set_postfix(loss=f"{1 / step:.4f}", acc="0.500")
+    if step == 6:
+      progress.write("step 6: eval accuracy 0.5000, loss 0.1667")
+    progress.update(1)
+  progress.close()
+  assert "\r" not in stream.getvalue()
+  assert stream.getvalue().splitlines() == [
+      "step 4/6  loss=0.2500  acc=0.500",
+      "step 6: eval accuracy 0.5000, loss 0.1667",
+      "step 6/6  loss=0.1667  acc=0.500",
+  ]
+
+  class Terminal(io.StringIO):
+    def isatty(self):
+      return True
+
+  assert not isinstance(metric_writer.MetricWriter(str(tmp_path)).progress(6, 0, stream=Terminal()),
+                        metric_writer.LineProgress)
