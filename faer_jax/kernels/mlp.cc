@@ -263,11 +263,12 @@ void MakeG(const BackwardArgs& q, int64_t r0, int64_t a, int64_t b, float* G, fl
 // copies: rows ~1 KB apart instead of 8 KB at C = 512, fewer pages per
 // register tile (one thread, 13 super-tiles, same process: the weight
 // gradients 149.8 -> 144.8 ms at C = 512, 81.1 -> 76.3 ms at C = 384; the
-// whole backward on 2 threads in JAX moved within its noise, ~2 %). The block of the saved
-// pre-activation is first copied row by row into `partial` (rows x fn): read in
-// the epilogue's order, 12 rows at a time, it came from memory at a fraction of
-// the bandwidth (the prefetcher does not follow it). db1 += the column sums of
-// D, added in the epilogue (which sees each column's rows in ascending order).
+// whole backward on 2 threads in JAX moved within its noise, ~2 %). The
+// block of the saved pre-activation is first copied row by row into `partial`
+// (rows x fn): read in the epilogue's order, 12 rows at a time, it came from
+// memory at a fraction of the bandwidth (the prefetcher does not follow it).
+// db1 += the column sums of D, added in the epilogue (which sees each column's
+// rows in ascending order).
 void HiddenGradient(const BackwardArgs& q, int64_t r0, int64_t rows, int64_t f0, int64_t fn, const float* G,
                     int64_t ld, const Operand& W2T, float* D, int64_t ldf, float* Dl, float* Hl, int64_t ldl,
                     float* partial) {
@@ -388,7 +389,8 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   const int64_t C = q.s.C, F = q.s.F;
   const auto weights = Pack<2>(pool, {PackJob{q.w2, C, F, 1, C, &first_weights},    // dh = g w2^T: K = C, N = F
                                      PackJob{q.w1, F, C, 1, F, &second_weights}});  // dx = D w1^T: K = F, N = C
-  BackwardByHiddenBlocks(pool, q, weights[1], weights[0]);
+  const Operand &W2T = weights[0], &W1T = weights[1];
+  BackwardByHiddenBlocks(pool, q, W1T, W2T);
   return ffi::Error::Success();
 }
 
