@@ -30,6 +30,10 @@
 #include <cstdint>
 #include <vector>
 
+#if defined(__AVX512F__) || defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 #include "common.h"
 #include "gemm.h"
 
@@ -89,6 +93,43 @@ constexpr float kInvSqrt2Pi = 0.39894228040143268f;
 // 0.5 * (1 + erf(x / sqrt 2)) + x * exp(-x^2 / 2) / sqrt(2 pi).
 inline vec Gelu(vec x) { return x * 0.5f * (1.f + Erf(x * kSqrtHalf)); }
 
+// The training forward's saved pre-activation and z are read again only by
+// the backward, long after they have left the caches. Written with streaming
+// stores (when the buffer allows them), they skip the read of each line that
+// an ordinary store of a missing line starts first, and do not evict the
+// task's tiles: one process, 2 threads, the training forward at C = 128
+// (M = 50176, 103 MB of pre-activation) 74.4 -> 67.9 ms, at C = 512 (M = 3136)
+// 64.5 -> 62.0 ms. A thread that streamed ends its task with a fence.
+#if defined(__AVX512F__)
+constexpr uintptr_t kStreamAlign = 64;
+inline void Stream(float* p, vec v) {
+  __m512 m;
+  std::memcpy(&m, &v, sizeof(m));
+  _mm512_stream_ps(p, m);
+}
+#elif defined(__AVX__)
+constexpr uintptr_t kStreamAlign = 32;
+inline void Stream(float* p, vec v) {
+  __m256 m[2];
+  std::memcpy(m, &v, sizeof(m));
+  _mm256_stream_ps(p, m[0]);
+  _mm256_stream_ps(p + 8, m[1]);
+}
+#else
+constexpr uintptr_t kStreamAlign = 0;  // no streaming stores: ordinary ones
+inline void Stream(float* p, vec v) { store(p, v); }
+#endif
+
+inline bool CanStream(const float* p) {
+  return kStreamAlign && reinterpret_cast<uintptr_t>(p) % kStreamAlign == 0;
+}
+
+inline void StreamFence() {
+#if defined(__AVX__)
+  _mm_sfence();
+#endif
+}
+
 
 // The forward's tasks: contiguous runs of rows, at most `most` rows each (so
 // that a task's rows of x, the fc2 accumulator and a hidden block stay in the
@@ -147,6 +188,7 @@ struct ForwardArgs {
   const float *x, *w1, *b1, *w2, *b2, *gamma, *shortcut, *mask;
   float keep;
   float *y, *pre, *z;  // pre and z: training only
+  bool stream;         // pre and z written with streaming stores
 };
 
 // Rows [r0, r0 + rows) of the forward (rows <= tr, the task size the scratch is sized for).
@@ -165,7 +207,11 @@ void ForwardRows(const ForwardArgs& q, const Operand& W1, const Operand& W2, int
     const int64_t fn = std::min(fb, F - f0);
     Gemm(rows, fn, C, Rows(xr, ld), W1.from(0, f0), nullptr, 0, partial, [&](int64_t r, int64_t c, vec v) {
       v += load(q.b1 + f0 + c);
-      if (kTrain) store(q.pre + (r0 + r) * F + f0 + c, v);
+      if (kTrain) {
+        float* p = q.pre + (r0 + r) * F + f0 + c;
+        if (q.stream) Stream(p, v);
+        else store(p, v);
+      }
       store(h + r * fb + c, Gelu(v));
     });
     Gemm(rows, C, fn, Rows(h, fb), W2.from(f0, 0), f0 ? acc : nullptr, ld, partial,
@@ -176,12 +222,16 @@ void ForwardRows(const ForwardArgs& q, const Operand& W1, const Operand& W2, int
     const float m = drop ? q.mask[row / q.s.per_example] : 1.f;
     for (int64_t c = 0; c < C; c += V) {
       const vec zv = load(acc + r * ld + c) + load(q.b2 + c);
-      if (kTrain) store(q.z + row * C + c, zv);
+      if (kTrain) {
+        if (q.stream) Stream(q.z + row * C + c, zv);
+        else store(q.z + row * C + c, zv);
+      }
       vec u = load(q.gamma + c) * zv;
       if (drop) u = u * m / q.keep;
       store(q.y + row * C + c, load(q.shortcut + row * C + c) + u);
     }
   }
+  if (kTrain && q.stream) StreamFence();
 }
 
 template <bool kTrain>
@@ -197,6 +247,8 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   q.mask = mask.typed_data(), q.keep = keep, q.y = y->typed_data();
   q.pre = kTrain ? pre->typed_data() : nullptr;
   q.z = kTrain ? z->typed_data() : nullptr;
+  // Rows of F and C floats (multiples of 16) keep every vector as aligned as the buffer's start.
+  q.stream = kTrain && CanStream(q.pre) && CanStream(q.z);
   const int64_t M = q.s.M, C = q.s.C, F = q.s.F;
   const RowTasks split(M, C, pool.num_threads());
   const auto weights = Pack<2>(pool, {PackJob{q.w1, C, F, F, 1, &first_weights},    // fc1: K = C, N = F
