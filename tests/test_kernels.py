@@ -237,6 +237,23 @@ def test_without_the_kernels_the_model_uses_shifts(tmp_path):
   assert not list(tmp_path.iterdir())
 
 
+def test_kernels_need_avx512_unless_forced(monkeypatch):
+  # The check reads /proc/cpuinfo's flags line (or the platform's name elsewhere).
+  monkeypatch.setattr(kernels, "_cpu_flags", lambda: "flags\t\t: fpu sse2 avx avx2 fma")
+  assert not kernels.has_avx512()
+  with pytest.raises(kernels.KernelUnavailable, match="no AVX-512F.*FAER_JAX_CPU_KERNELS=force"):
+    kernels.load.__wrapped__()
+  monkeypatch.setattr(kernels, "_cpu_flags", lambda: "flags\t\t: fpu avx2 avx512f avx512bw")
+  assert kernels.has_avx512()
+  monkeypatch.setattr(kernels, "_cpu_flags", lambda: "aarch64")
+  assert not kernels.has_avx512()
+  # Forced, the ISA is not checked: the next reason to refuse (here, the switch itself) comes through.
+  monkeypatch.setenv("FAER_JAX_CPU_KERNELS", "force")
+  monkeypatch.setattr(kernels, "_compiler", lambda: (_ for _ in ()).throw(kernels.KernelUnavailable("no compiler")))
+  with pytest.raises(kernels.KernelUnavailable, match="no compiler"):
+    kernels.load.__wrapped__()
+
+
 def test_build_is_cached_and_keyed(tmp_path):
   code = """
       from faer_jax import kernels
