@@ -121,7 +121,8 @@ inline void Stream(float* p, vec v) { store(p, v); }
 #endif
 
 inline bool CanStream(const float* p) {
-  return kStreamAlign && reinterpret_cast<uintptr_t>(p) % kStreamAlign == 0;
+  if constexpr (kStreamAlign == 0) return false;
+  else return reinterpret_cast<uintptr_t>(p) % kStreamAlign == 0;
 }
 
 inline void StreamFence() {
