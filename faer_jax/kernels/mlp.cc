@@ -125,6 +125,12 @@ inline bool CanStream(const float* p) {
   else return reinterpret_cast<uintptr_t>(p) % kStreamAlign == 0;
 }
 
+// A saved activation's store: streamed where the call allows it.
+inline void Save(float* p, vec v, bool stream) {
+  if (stream) Stream(p, v);
+  else store(p, v);
+}
+
 inline void StreamFence() {
 #if defined(__AVX__)
   _mm_sfence();
@@ -208,11 +214,7 @@ void ForwardRows(const ForwardArgs& q, const Operand& W1, const Operand& W2, int
     const int64_t fn = std::min(fb, F - f0);
     Gemm(rows, fn, C, Rows(xr, ld), W1.from(0, f0), nullptr, 0, partial, [&](int64_t r, int64_t c, vec v) {
       v += load(q.b1 + f0 + c);
-      if (kTrain) {
-        float* p = q.pre + (r0 + r) * F + f0 + c;
-        if (q.stream) Stream(p, v);
-        else store(p, v);
-      }
+      if (kTrain) Save(q.pre + (r0 + r) * F + f0 + c, v, q.stream);
       store(h + r * fb + c, Gelu(v));
     });
     Gemm(rows, C, fn, Rows(h, fb), W2.from(f0, 0), f0 ? acc : nullptr, ld, partial,
@@ -223,10 +225,7 @@ void ForwardRows(const ForwardArgs& q, const Operand& W1, const Operand& W2, int
     const float m = drop ? q.mask[row / q.s.per_example] : 1.f;
     for (int64_t c = 0; c < C; c += V) {
       const vec zv = load(acc + r * ld + c) + load(q.b2 + c);
-      if (kTrain) {
-        if (q.stream) Stream(q.z + row * C + c, zv);
-        else store(q.z + row * C + c, zv);
-      }
+      if (kTrain) Save(q.z + row * C + c, zv, q.stream);
       vec u = load(q.gamma + c) * zv;
       if (drop) u = u * m / q.keep;
       store(q.y + row * C + c, load(q.shortcut + row * C + c) + u);
