@@ -29,8 +29,8 @@ def _value_and_grads(conv, x, kernel, cotangent):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _kernels_built():
-  kernels.load()
+def _kernels_built(cpu_kernels):
+  del cpu_kernels  # built and registered (or the module skipped)
 
 
 # Channels that are and are not multiples of the 16-wide vectors; maps smaller
@@ -237,21 +237,52 @@ def test_without_the_kernels_the_model_uses_shifts(tmp_path):
   assert not list(tmp_path.iterdir())
 
 
-def test_kernels_need_avx512_unless_forced(monkeypatch):
-  # The check reads /proc/cpuinfo's flags line (or the platform's name elsewhere).
-  monkeypatch.setattr(kernels, "_cpu_flags", lambda: "flags\t\t: fpu sse2 avx avx2 fma")
-  assert not kernels.has_avx512()
-  with pytest.raises(kernels.KernelUnavailable, match="no AVX-512F.*FAER_JAX_CPU_KERNELS=force"):
-    kernels.load.__wrapped__()
-  monkeypatch.setattr(kernels, "_cpu_flags", lambda: "flags\t\t: fpu avx2 avx512f avx512bw")
-  assert kernels.has_avx512()
-  monkeypatch.setattr(kernels, "_cpu_flags", lambda: "aarch64")
-  assert not kernels.has_avx512()
-  # Forced, the ISA is not checked: the next reason to refuse (here, the switch itself) comes through.
+def test_the_build_follows_the_cpu_and_the_switch(monkeypatch):
+  # The CPU's flags come from /proc/cpuinfo's flags line (or the platform's name elsewhere).
+  cpu = lambda line: monkeypatch.setattr(kernels, "_cpu_flags", lambda: line)
+  monkeypatch.delenv("FAER_JAX_CPU_KERNELS", raising=False)
+  cpu("flags\t\t: fpu avx2 fma avx512f avx512bw")
+  assert kernels.cpu_isa() == "avx512" and kernels._choice() == ("avx512", ())
+  monkeypatch.setenv("FAER_JAX_CPU_KERNELS", "avx2")
+  assert kernels._choice() == ("avx2", ("-mno-avx512f",))
+  cpu("flags\t\t: fpu sse2 avx avx2 fma")
+  assert kernels.cpu_isa() == "avx2" and kernels._choice() == ("avx2", ())
+  monkeypatch.setenv("FAER_JAX_CPU_KERNELS", "1")
+  assert kernels._choice() == ("avx2", ())
+  for other in ("flags\t\t: fpu sse2 avx avx2", "aarch64"):  # AVX2 without FMA; not x86
+    cpu(other)
+    assert kernels.cpu_isa() is None
+    with pytest.raises(kernels.KernelUnavailable, match="neither AVX-512F nor AVX2 with FMA.*=force"):
+      kernels.load.__wrapped__()
   monkeypatch.setenv("FAER_JAX_CPU_KERNELS", "force")
+  assert kernels._choice() == ("native", ())
+  # Forced, the ISA is not checked: the next reason to refuse (here, the compiler) comes through.
   monkeypatch.setattr(kernels, "_compiler", lambda: (_ for _ in ()).throw(kernels.KernelUnavailable("no compiler")))
   with pytest.raises(kernels.KernelUnavailable, match="no compiler"):
     kernels.load.__wrapped__()
+  monkeypatch.setenv("FAER_JAX_CPU_KERNELS", "yes")
+  with pytest.raises(ValueError, match="FAER_JAX_CPU_KERNELS='yes': expected one of 1, 0, avx2, force"):
+    kernels.load.__wrapped__()
+
+
+def test_loaded_build_is_the_one_asked_for():
+  asked = os.environ.get("FAER_JAX_CPU_KERNELS", "1")
+  assert kernels.load() == {"avx2": "avx2", "force": "native"}.get(asked, kernels.cpu_isa())
+
+
+@pytest.mark.skipif(kernels.cpu_isa() != "avx512", reason="the default build here is already the AVX2 one (or none)")
+def test_avx2_build_computes_the_same_functions():
+  """The kernels' value and gradient tests, again with the AVX2 build (8-float vectors, 6 x 16 tiles)."""
+  tests = [os.path.join(os.path.dirname(__file__), f) for f in
+           ("test_kernels.py", "test_mlp_kernel.py", "test_patch_kernel.py")]
+  selection = "equal or equals or match or thread_count or asked_for"
+  result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                           *tests, "-k", selection], capture_output=True, text=True, timeout=900, check=False,
+                          env={**os.environ, "FAER_JAX_CPU_KERNELS": "avx2"})
+  assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+  summary = result.stdout.strip().splitlines()[-1]
+  assert " passed" in summary and "failed" not in summary and "error" not in summary, summary
+  assert int(summary.split(" passed")[0].split()[-1]) >= 20, summary
 
 
 def test_build_is_cached_and_keyed(tmp_path):

@@ -19,10 +19,18 @@ shared home directory over different machines is safe. Building takes a few
 seconds, once. Where no compiler is found, or FAER_JAX_CPU_KERNELS=0, the
 model uses its pure-XLA implementation (same function, slower) and logs why.
 
-They are written for AVX-512 (16-float vectors, a 12 x 32 register tile of 24
-accumulators): built for AVX2 the MLP kernel's forward ran ~40x slower than on
-AVX-512 on the same machine (C++ harness, 760 against 17.6 ms at C = 128), so
-on a CPU without AVX-512F they are not used unless FAER_JAX_CPU_KERNELS=force.
+Two builds of the same source, by what the CPU has: AVX-512F (16-float vectors,
+a 12 x 32 register tile of 24 accumulators in 32 registers) or AVX2 with FMA
+(8-float vectors, 6 x 16 tiles in 16 registers); the vector width and the
+tiles follow from the compiler's target (common.h). Same function either way;
+sums over channels run in lanes of the vector width, so the two builds' results
+differ in the last bits. On other CPUs the kernels are not used. The switch
+FAER_JAX_CPU_KERNELS:
+
+  1 (or unset)  the build this CPU supports, if any
+  0             off: the pure-XLA layers
+  avx2          the AVX2 build even on an AVX-512 CPU (tests, comparisons)
+  force         whatever `-march=native` gives, on any CPU
 """
 
 import ctypes
@@ -82,9 +90,10 @@ def _cpu_flags() -> str:
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 
 
-def _build(cxx: str) -> pathlib.Path:
+def _build(cxx: str, extra_flags: tuple[str, ...] = ()) -> pathlib.Path:
   version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
-  parts = (*(f.read_text() for f in _SOURCES + _HEADERS), version, " ".join(_FLAGS), jax.ffi.include_dir(),
+  flags = (*_FLAGS, *extra_flags)
+  parts = (*(f.read_text() for f in _SOURCES + _HEADERS), version, " ".join(flags), jax.ffi.include_dir(),
            jax.__version__, _cpu_flags())
   key = hashlib.sha256(b"\0".join(p.encode() for p in parts)).hexdigest()[:16]
   target = cache_dir() / f"faer_kernels_{key}.so"
@@ -94,7 +103,7 @@ def _build(cxx: str) -> pathlib.Path:
   # Build beside the target and rename: processes building at once never see half a file.
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
   os.close(fd)
-  cmd = [cxx, *_FLAGS, "-I", jax.ffi.include_dir(), *map(str, _SOURCES), "-o", tmp]
+  cmd = [cxx, *flags, "-I", jax.ffi.include_dir(), *map(str, _SOURCES), "-o", tmp]
   result = subprocess.run(cmd, capture_output=True, text=True, check=False)
   if result.returncode != 0:
     os.unlink(tmp)
@@ -105,26 +114,50 @@ def _build(cxx: str) -> pathlib.Path:
   return target
 
 
-def has_avx512() -> bool:
-  """Whether this CPU reports AVX-512F (the instruction set the kernels are written for)."""
-  return "avx512f" in _cpu_flags().split()
+_SETTINGS = ("1", "0", "avx2", "force")
+
+
+def cpu_isa() -> str | None:
+  """The kernels' instruction set on this CPU: 'avx512', 'avx2' (with FMA) or None."""
+  flags = _cpu_flags().split()
+  if "avx512f" in flags:
+    return "avx512"
+  if "avx2" in flags and "fma" in flags:
+    return "avx2"
+  return None
+
+
+def _choice() -> tuple[str, tuple[str, ...]]:
+  """(the build, its extra compiler flags) that FAER_JAX_CPU_KERNELS and the CPU ask for."""
+  setting = os.environ.get("FAER_JAX_CPU_KERNELS", "1")
+  if setting not in _SETTINGS:
+    raise ValueError(f"FAER_JAX_CPU_KERNELS={setting!r}: expected one of {', '.join(_SETTINGS)}.")
+  if setting == "0":
+    raise KernelUnavailable("disabled by FAER_JAX_CPU_KERNELS=0")
+  if setting == "force":
+    return "native", ()
+  isa = cpu_isa()
+  if isa is None:
+    raise KernelUnavailable("this CPU has neither AVX-512F nor AVX2 with FMA, which the kernels are written for; "
+                            "FAER_JAX_CPU_KERNELS=force builds them anyway")
+  if setting == "avx2":
+    if isa == "avx512":
+      return "avx2", ("-mno-avx512f",)
+  return isa, ()
 
 
 @functools.cache
-def load() -> None:
-  """Builds (once per machine) and registers the kernels; raises KernelUnavailable."""
-  setting = os.environ.get("FAER_JAX_CPU_KERNELS", "1")
-  if setting == "0":
-    raise KernelUnavailable("disabled by FAER_JAX_CPU_KERNELS=0")
-  if setting != "force" and not has_avx512():
-    raise KernelUnavailable("this CPU has no AVX-512F, which the kernels are written for (built for AVX2 their "
-                            "matrix products ran ~40x slower); FAER_JAX_CPU_KERNELS=force uses them anyway")
+def load() -> str:
+  """Builds (once per machine and build) and registers the kernels; returns which build
+  ('avx512', 'avx2' or 'native' under FAER_JAX_CPU_KERNELS=force). Raises KernelUnavailable."""
+  isa, flags = _choice()
   try:
-    library = ctypes.cdll.LoadLibrary(str(_build(_compiler())))
+    library = ctypes.cdll.LoadLibrary(str(_build(_compiler(), flags)))
   except OSError as e:  # an unwritable cache directory, a library that does not load
     raise KernelUnavailable(f"{e} (cache: {cache_dir()})") from e
   for name, symbol in _TARGETS.items():
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+  return isa
 
 
 @functools.cache

@@ -30,6 +30,11 @@
 namespace faer {
 namespace {
 
+// Output pixels per register tile: their accumulators, the kernel row's 7
+// vectors and the input vector take 24 of AVX-512's 32 registers (16 pixels)
+// or all 16 of AVX2's (8 pixels).
+constexpr int kTilePixels = V == 16 ? 16 : 8;
+
 // Valid kernel offsets for output position `o` on an axis of length `len`.
 inline int first_tap(int o) { return std::max(0, P - o); }
 inline int last_tap(int o, int len) { return std::min(K - 1, len - 1 - o + P); }
@@ -61,7 +66,7 @@ inline void ForWindow(const float* xr, int W, int C, int w, Fn&& fn) {
 }
 
 // Output pixels [w, w + T) of row h (T <= W - w), channel vectors [0, cv): a
-// register tile of T pixels x 16 channels. Per kernel row, its 7 vectors are
+// register tile of T pixels x V channels. Per kernel row, its 7 vectors are
 // loaded once and each input pixel of the row once, then added into every
 // output pixel it reaches; input pixels in the zero padding are skipped. Each
 // output sums its taps in the order (i, j), as a plain loop would.
@@ -90,7 +95,7 @@ __attribute__((noinline)) void ForwardTile(const float* x, const float* k, float
 void ForwardRow(const float* x, const float* k, float* y, int H, int W, int C, int h) {
   const int i0 = first_tap(h), i1 = last_tap(h, H);
   const int cv = C - C % V;
-  constexpr int T = 16;  // output pixels per register tile (16 accumulators, 7 kernel vectors)
+  constexpr int T = kTilePixels;
   for (int w = 0; w < W; w += T)
     WithTile<T>(std::min(T, W - w),
                 [&](auto n) { ForwardTile<decltype(n)::value>(x, k, y, W, C, h, i0, i1, w, cv); });
@@ -107,7 +112,7 @@ void ForwardRow(const float* x, const float* k, float* y, int H, int W, int C, i
   }
 }
 
-// dk[i, 0..6, c:c+16] += sum over output pixels [w, w + T) of row h of
+// dk[i, 0..6, c:c+V] += sum over output pixels [w, w + T) of row h of
 // x[h+i-3, w+t+j-3] * g[h, w+t] (xr, gr: those rows at channel c): the T
 // gradient vectors stay in registers and each input vector is loaded once.
 // Each dk entry adds its terms in ascending w, as a plain loop would.
@@ -130,9 +135,9 @@ __attribute__((noinline)) void KernelGradTile(const float* xr, const float* gr, 
 void KernelGradChunk(const float* x, const float* g, float* dk, int H, int W, int C, int c0) {
   const int cv = C - C % V;
   if (c0 < cv) {
-    constexpr int T = 16;
+    constexpr int T = kTilePixels;
     for (int i = 0; i < K; ++i) {
-      float acc[K * V] = {};  // dk[i, 0..6, c0:c0+16]
+      float acc[K * V] = {};  // dk[i, 0..6, c0:c0+V]
       // Output rows h that see input row h + i - P.
       const int h0 = std::max(0, P - i), h1 = std::min(H - 1, H - 1 + P - i);
       for (int h = h0; h <= h1; ++h) {

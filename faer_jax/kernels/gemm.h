@@ -17,10 +17,12 @@ namespace {
 
 // Matrix products. One register tile serves every product here:
 //   acc[i][v] += sum_{k < K} A[i * ars + k * aks] * B[k * bks + v * V]
-// for R rows and NV vectors of 16 columns. A is read in place, row-major or
+// for R rows and NV vectors of V columns. A is read in place, row-major or
 // transposed (Lhs); B from memory or packed into panels (Operand).
 
-constexpr int MR = 12;  // rows per register tile (24 accumulators + 2 operands + 1 broadcast)
+// Rows per register tile: 2 * MR accumulators + 2 operands + 1 broadcast fill
+// 27 of AVX-512's 32 registers (MR = 12) or 15 of AVX2's 16 (MR = 6).
+constexpr int MR = V == 16 ? 12 : 6;
 
 template <int R, int NV>
 inline void Tile(const float* A, int64_t ars, int64_t aks, const float* B, int64_t bks, int64_t K,
@@ -53,7 +55,7 @@ struct Lhs {
 
 inline Lhs Rows(const float* a, int64_t ld) { return {a, ld, 1}; }
 
-// One R x NV*16 block at (r, c): start from zero or from `init` (row stride
+// One R x NV*V block at (r, c): start from zero or from `init` (row stride
 // ld_init), run the tile over K, hand every vector to epi(row, col, value).
 // B points at this block's columns.
 
@@ -78,11 +80,12 @@ __attribute__((noinline)) void Block(int64_t r, int64_t c, int64_t K, const Lhs&
 }
 
 // B (K x N) either as it lies in memory (Plain: row stride ld) or packed by
-// Pack() into 32-column panels, each K x 32 contiguous (the last one padded
-// with zeros), so that the panel a register tile reads is one dense stream.
+// Pack() into panels of 2V columns (32 with AVX-512), each K x 2V contiguous
+// (the last one padded with zeros), so that the panel a register tile reads is
+// one dense stream.
 struct Operand {
   const float* data;
-  int64_t row, panel;  // strides of k and of a 32-column panel
+  int64_t row, panel;  // strides of k and of a panel
   const float* at(int64_t k, int64_t c) const { return data + (c / (2 * V)) * panel + k * row + c % (2 * V); }
   Operand from(int64_t k0, int64_t c0) const { return {at(k0, c0), row, panel}; }
 };
@@ -98,7 +101,7 @@ struct PackJob {
   int64_t panels() const { return (N + 2 * V - 1) / (2 * V); }
 };
 
-// Panel p of a job into out (K x 32), zeros past column N.
+// Panel p of a job into out (K x 2V), zeros past column N.
 void PackPanel(const PackJob& j, int64_t p, float* out) {
   constexpr int64_t PW = 2 * V;
   const int64_t w = std::min<int64_t>(PW, j.N - p * PW);
@@ -107,7 +110,7 @@ void PackPanel(const PackJob& j, int64_t p, float* out) {
   if (j.ns == 1) {
     for (; k0 < j.K; ++k0) std::copy_n(b + k0 * j.ks, w, out + k0 * PW);
   } else if (j.ks == 1) {
-    // A transpose: 16 values of k at a time, read along k for each column,
+    // A transpose: V values of k at a time, read along k for each column,
     // written out row by row (1.8x the element-by-element loop at 2048 x 512).
     for (; k0 + V <= j.K; k0 += V) {
       float t[V][PW];
@@ -122,7 +125,7 @@ void PackPanel(const PackJob& j, int64_t p, float* out) {
     for (int64_t k = 0; k < j.K; ++k) std::fill(out + k * PW + w, out + (k + 1) * PW, 0.f);
 }
 
-// Packs each job's B into 32-column panels, each K x 32 contiguous (the last
+// Packs each job's B into panels of 2V columns, each K x 2V contiguous (the last
 // one padded with zeros), so that the panel a register tile reads is one dense
 // stream; the panels are spread over the caller and the pool's threads (on
 // the caller alone, one thread, packing took 1.1-1.5 ms of a 65 ms MLP forward
@@ -137,9 +140,10 @@ std::array<Operand, J> Pack(ffi::ThreadPool& pool, const std::array<PackJob, J>&
   int64_t total = 0;
   for (size_t i = 0; i < J; ++i) {
     const PackJob& j = jobs[i];
-    j.buffer->resize(j.panels() * j.K * 2 * V + V);
+    constexpr int64_t line = 64 / sizeof(float);
+    j.buffer->resize(j.panels() * j.K * 2 * V + line);
     float* data = j.buffer->data();
-    bases[i] = data + (V - (reinterpret_cast<uintptr_t>(data) / sizeof(float)) % V) % V;
+    bases[i] = data + (line - (reinterpret_cast<uintptr_t>(data) / sizeof(float)) % line) % line;
     operands[i] = {bases[i], 2 * V, 2 * V * j.K};
     total += j.panels();
   }
@@ -157,8 +161,8 @@ std::array<Operand, J> Pack(ffi::ThreadPool& pool, const std::array<PackJob, J>&
 // less time and the backward's dh product 5-9 % less.
 constexpr int64_t KC = 512;
 
-// out (M x N, N % 16 == 0) = [init +] A (M x K) B (K x N), in passes over KC
-// of the depth; every 32-column panel of B stays in cache while all M rows
+// out (M x N, N % V == 0) = [init +] A (M x K) B (K x N), in passes over KC
+// of the depth; every panel of B stays in cache while all M rows
 // pass it. Between passes the partial sums wait in `partial` (M x N); epi sees
 // only the final values.
 template <class Epi>
@@ -166,8 +170,8 @@ void Gemm(int64_t M, int64_t N, int64_t K, const Lhs& A, const Operand& B, const
           float* partial, Epi&& epi) {
   auto keep_partial = [&](int64_t r, int64_t c, vec v) { store(partial + r * N + c, v); };
   const int64_t mr = M - M % MR;
-  // Rows past the last whole register tile: in tiles of 8, 4 and 1.
-  const int64_t m8 = mr + (M - mr) / 8 * 8, m4 = m8 + (M - m8) / 4 * 4;
+  // Rows past the last whole register tile: in tiles of 8 (where MR > 8), 4 and 1.
+  const int64_t m8 = MR > 8 ? mr + (M - mr) / 8 * 8 : mr, m4 = m8 + (M - m8) / 4 * 4;
   for (int64_t k0 = 0; k0 < K; k0 += KC) {
     const int64_t kn = std::min(KC, K - k0);
     const float* in = k0 ? partial : init;
@@ -188,7 +192,8 @@ void Gemm(int64_t M, int64_t N, int64_t K, const Lhs& A, const Operand& B, const
                 for (int v = 0; v < NV; ++v) __builtin_prefetch(in + (r + MR + i) * ld_in + c + v * V);
             Block<MR, NV>(r, c, kn, a, b, bks, in, ld_in, out);
           }
-          for (int64_t r = mr; r < m8; r += 8) Block<8, NV>(r, c, kn, a, b, bks, in, ld_in, out);
+          if constexpr (MR > 8)
+            for (int64_t r = mr; r < m8; r += 8) Block<8, NV>(r, c, kn, a, b, bks, in, ld_in, out);
           for (int64_t r = m8; r < m4; r += 4) Block<4, NV>(r, c, kn, a, b, bks, in, ld_in, out);
           for (int64_t r = m4; r < M; ++r) Block<1, NV>(r, c, kn, a, b, bks, in, ld_in, out);
         };

@@ -28,13 +28,13 @@ namespace {
 // where tap (i, j) lands inside the input, acc[(h, w, n), o] += x[n, h+i-3,
 // w+j-3, g*I + c] * k[i, j, c, g*O + o]. Pixels are ordered (h, w, n), so a
 // register tile of TN examples at one position shares the tap's validity and
-// the padding is skipped exactly; a block of CB input channels x TV*16 output
+// the padding is skipped exactly; a block of CB input channels x TV*V output
 // channels of the kernel stays in L1 while every position streams past it.
-// Tiles of 8 examples (16 accumulators) and blocks of 128 channels: at
+// Tiles of 8 examples (16 accumulators; AVX2: 6 and 12) and blocks of 128 channels: at
 // 16x7x7x1024, 2 threads, the forward took 118 ms with 4 and 64, 70 ms now
 // (12 examples: 96 ms; 256 channels: 79 ms). Same sums, same order.
 constexpr int CB = 128;
-constexpr int kTileExamples = 8;
+constexpr int kTileExamples = V == 16 ? 8 : 6;  // AVX2: 12 accumulators of its 16 registers
 
 template <int TN, int TV>
 __attribute__((noinline)) void ForwardTile(const float* x, int64_t x_example, const float* k, int64_t k_row, int cn,
@@ -94,7 +94,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   const float* xp = x.typed_data();
   const float* kp = k.typed_data();
   float* yp = y->typed_data();
-  // One task per (group, block of 32 (or 16) output channels).
+  // One task per (group, block of 2V (or V) output channels).
   ParallelFor(pool, (int64_t)G * oblocks, [&](int64_t t) {
     const int g = (int)(t / oblocks);
     const int o0 = (int)(t % oblocks) * 2 * V;
@@ -146,11 +146,17 @@ __attribute__((noinline)) void KernelGradTile(const float* x, const float* dy, i
     for (int v = 0; v < TV; ++v) store(dk + (int64_t)c * CO + v * V, acc[c][v]);
 }
 
+// Input channels per kernel-gradient tile: 12 x 32 outputs, 24 accumulators,
+// with AVX-512 (with 4, 8 accumulators, the kernel gradient took about twice as
+// long at 16x7x7x1024); 6 x 16 with AVX2.
+constexpr int kGradChannels = V == 16 ? 12 : 6;
+
 template <int TV>
 void KernelGradBlock(const float* x, const float* dy, int64_t N, int H, int W, int C, int CO, int i, int j,
                      int c0, int tc, int o0, float* dk) {
   int c = 0;
-  for (; c + 12 <= tc; c += 12) KernelGradTile<12, TV>(x, dy, N, H, W, C, CO, i, j, c0 + c, o0, dk + (int64_t)c * CO);
+  for (; c + kGradChannels <= tc; c += kGradChannels)
+    KernelGradTile<kGradChannels, TV>(x, dy, N, H, W, C, CO, i, j, c0 + c, o0, dk + (int64_t)c * CO);
   for (; c + 4 <= tc; c += 4) KernelGradTile<4, TV>(x, dy, N, H, W, C, CO, i, j, c0 + c, o0, dk + (int64_t)c * CO);
   for (; c < tc; ++c) KernelGradTile<1, TV>(x, dy, N, H, W, C, CO, i, j, c0 + c, o0, dk + (int64_t)c * CO);
 }
@@ -170,9 +176,7 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const float* xp = x.typed_data();
   const float* gp = dy.typed_data();
   float* kp = dk->typed_data();
-  // 12 channels x 32 outputs: 24 accumulators. With 4 (8 accumulators) the
-  // kernel gradient took about twice as long at 16x7x7x1024.
-  constexpr int TC = 12;
+  constexpr int TC = kGradChannels;
   const int cblocks = (I + TC - 1) / TC;
   // One task per (tap, group, block of TC input channels): it owns its output.
   ParallelFor(pool, (int64_t)K * K * G * cblocks, [&](int64_t t) {

@@ -109,11 +109,10 @@ inline void Stream(float* p, vec v) {
 }
 #elif defined(__AVX__)
 constexpr uintptr_t kStreamAlign = 32;
-inline void Stream(float* p, vec v) {
-  __m256 m[2];
-  std::memcpy(m, &v, sizeof(m));
-  _mm256_stream_ps(p, m[0]);
-  _mm256_stream_ps(p + 8, m[1]);
+inline void Stream(float* p, vec v) {  // V = 8 without AVX-512F (common.h)
+  __m256 m;
+  std::memcpy(&m, &v, sizeof(m));
+  _mm256_stream_ps(p, m);
 }
 #else
 constexpr uintptr_t kStreamAlign = 0;  // no streaming stores: ordinary ones
@@ -162,8 +161,8 @@ struct RowTasks {
 // into the task's accumulator; 256 took ~1 % longer at C = 512).
 inline int64_t HiddenBlock(int64_t F) { return std::min<int64_t>(F, 512); }
 
-// Leading dimension of a row tile copied to scratch: padded by 16 floats so
-// that the 12 rows a register tile reads do not share L1 sets (C = 1024
+// Leading dimension of a row tile copied to scratch: padded by one vector so
+// that the MR rows a register tile reads do not share L1 sets (C = 1024
 // would put them 4 KB apart).
 inline int64_t Padded(int64_t C) { return C + V; }
 
