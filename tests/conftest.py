@@ -23,6 +23,20 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.expandus
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 
+@pytest.fixture(scope="module")
+def cpu_kernels() -> str:
+  """The C++ kernels, built and registered (returns the build: avx512, avx2).
+
+  Skips where they are off by design: FAER_JAX_CPU_KERNELS=0, or a CPU with neither
+  AVX-512F nor AVX2 + FMA. Where the CPU has them, a build that fails fails.
+  """
+  from faer_jax import kernels  # pylint: disable=g-import-not-at-top
+  setting = os.environ.get("FAER_JAX_CPU_KERNELS", "1")
+  if setting == "0" or (setting != "force" and kernels.cpu_isa() is None):
+    pytest.skip(f"the CPU kernels are off here (FAER_JAX_CPU_KERNELS={setting}, CPU: {kernels.cpu_isa()})")
+  return kernels.load()
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))

@@ -235,8 +235,12 @@ def run(args: argparse.Namespace) -> dict:
   jax_bench = benches.get("jax")
   if jax_bench is not None:
     import jax  # pylint: disable=g-import-not-at-top
+    from faer_jax import kernels  # pylint: disable=g-import-not-at-top
+    uses_kernels = jax_bench.device.platform == "cpu" and args.conv_impl in ("auto", "kernel")
     result.update(jax_version=jax.__version__, device=jax_bench.device.device_kind,
                   platform=jax_bench.device.platform, conv_impl=args.conv_impl,
+                  # Which build of the C++ kernels ran (avx512, avx2), or None.
+                  cpu_kernels=kernels.load() if uses_kernels and kernels.available() else None,
                   compiler_options=_compiler_options(args.compiler_option))
     peak = peak_flops(jax_bench.device.device_kind, args.dtype)
     source = "datasheet" if peak else None
@@ -285,7 +289,8 @@ def _print_table(r: dict) -> None:
   print(f"FAER-{r['variant']}  batch {r['batch_size']}  {r['image_size']} px  {r['dtype']}  "
         f"threads {r['threads']}  clock {r['clock']}  ({r['cpu']}, load average {r['load_average']})")
   if "device" in r:
-    print(f"jax {r['jax_version']} on {r['platform']} ({r['device']}), conv_impl={r['conv_impl']}")
+    kernels = f", CPU kernels: {r['cpu_kernels']}" if r.get("cpu_kernels") else ""
+    print(f"jax {r['jax_version']} on {r['platform']} ({r['device']}), conv_impl={r['conv_impl']}{kernels}")
   phases = [p for p in ("train", "eval") if any(k.endswith(f"_{p}_seconds") for k in r)]
   print(f"{'':8s}" + "".join(f"{p + ' img/s':>14s}{p + ' s':>10s}" for p in phases))
   for fw in ("jax", "torch"):
