@@ -140,9 +140,8 @@ def _choice() -> tuple[str, tuple[str, ...]]:
   if isa is None:
     raise KernelUnavailable("this CPU has neither AVX-512F nor AVX2 with FMA, which the kernels are written for; "
                             "FAER_JAX_CPU_KERNELS=force builds them anyway")
-  if setting == "avx2":
-    if isa == "avx512":
-      return "avx2", ("-mno-avx512f",)
+  if setting == "avx2" and isa == "avx512":
+    return "avx2", ("-mno-avx512f",)
   return isa, ()
 
 

@@ -1,7 +1,7 @@
 // The CPU's peak float32 FLOP/s as this build sees it: every thread of XLA's
 // intra-op pool runs 12 independent chains of vector fused multiply-adds (more
 // than enough to hide the FMA latency) for a fixed count, and the wall time of
-// the slowest gives 2 * 16 * 12 * count * threads / seconds. The benchmark
+// the slowest gives 2 * V * 12 * count * threads / seconds (V: floats per vector). The benchmark
 // divides achieved FLOP/s by this for a CPU MFU (faer_jax/benchmark/flops.py).
 //
 //   faer_peak_flops   () -> f32[] FLOP/s
