@@ -33,9 +33,9 @@ def _kernels_built(cpu_kernels):
   del cpu_kernels  # built and registered (or the module skipped)
 
 
-# Channels that are and are not multiples of the 16-wide vectors; maps smaller
+# Channels that are and are not multiples of the 16-wide (AVX2: 8-wide) vectors; maps smaller
 # than the kernel (every tap a border case) and wide enough for interior tiles;
-# rows of 37 pixels take three register tiles (16, 16 and 5 pixels).
+# rows of 37 pixels take three register tiles with AVX-512 (16, 16 and 5 pixels), five with AVX2.
 @pytest.mark.parametrize("shape", [(2, 9, 11, 40), (3, 5, 4, 16), (1, 1, 1, 5), (2, 2, 3, 33), (1, 14, 13, 96),
                                    (1, 4, 37, 32)])
 def test_kernel_equals_grouped_convolution_value_and_gradients(shape):
