@@ -28,9 +28,8 @@ def _value_and_grads(conv, x, kernel, cotangent):
   return (y, *vjp(cotangent))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _kernels_built(cpu_kernels):
-  del cpu_kernels  # built and registered (or the module skipped)
+# Every test here needs the kernels built and registered (or skips: tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("cpu_kernels")
 
 
 # Channels that are and are not multiples of the 16-wide (AVX2: 8-wide) vectors; maps smaller

@@ -19,9 +19,8 @@ from faer_jax.models.convnext import Block
 from faer_jax.testing import assert_close, custom_calls
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _kernels_built(cpu_kernels):
-  del cpu_kernels  # built and registered (or the module skipped)
+# Every test here needs the kernels built and registered (or skips: tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("cpu_kernels")
 
 
 def _reference(x, w1, b1, w2, b2, gamma, shortcut, mask=None, keep=1.0):

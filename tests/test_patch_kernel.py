@@ -14,9 +14,8 @@ from faer_jax.models import layers
 from faer_jax.testing import assert_close, custom_calls
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _kernels_built(cpu_kernels):
-  del cpu_kernels  # built and registered (or the module skipped)
+# Every test here needs the kernels built and registered (or skips: tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("cpu_kernels")
 
 
 def _reference(x, kernel, bias):
