@@ -233,7 +233,7 @@ def test_without_the_kernels_the_model_uses_shifts(tmp_path):
   assert broken.returncode == 0, broken.stderr
   assert broken.stdout.split() == ["False", "False"]
   assert "depthwise_conv.cc, grouped_conv.cc, mlp.cc, patch_conv.cc, peak.cc failed" in broken.stderr
-  assert not list(tmp_path.iterdir())
+  assert [p.suffix for p in tmp_path.iterdir()] == [".lock"]  # no library, no objects left behind
 
 
 def test_the_build_follows_the_cpu_and_the_switch(monkeypatch):
@@ -285,19 +285,34 @@ def test_avx2_build_computes_the_same_functions():
 
 
 def test_build_is_cached_and_keyed(tmp_path):
+  """Two processes that start at once build the library once; a third loads it without compiling."""
+  log = tmp_path / "compiler.log"
+  cxx = tmp_path / "cxx"  # the real compiler, every call logged
+  cxx.write_text(f'#!/bin/sh\necho "$*" >> {log}\nexec {kernels._compiler()} "$@"\n')
+  cxx.chmod(0o755)
+  cache = tmp_path / "cache"
   code = """
       from faer_jax import kernels
       kernels.load()
       print(*sorted(p.name for p in kernels.cache_dir().iterdir()))
   """
-  first = _python(code, FAER_JAX_KERNEL_CACHE=str(tmp_path))
-  assert first.returncode == 0, first.stderr
-  built = first.stdout.split()
-  assert len(built) == 1 and built[0].startswith("faer_kernels_") and built[0].endswith(".so")
-  mtime = (tmp_path / built[0]).stat().st_mtime_ns
-  second = _python(code, FAER_JAX_KERNEL_CACHE=str(tmp_path))
-  assert second.stdout.split() == built
-  assert (tmp_path / built[0]).stat().st_mtime_ns == mtime  # loaded, not rebuilt
+  env = {**os.environ, "FAER_JAX_KERNEL_CACHE": str(cache), "CXX": str(cxx)}
+  both = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+  outs = [p.communicate(timeout=300) for p in both]
+  assert [p.returncode for p in both] == [0, 0], [err[-2000:] for _, err in outs]
+  libraries = sorted(p.name for p in cache.glob("*.so"))
+  assert len(libraries) == 1 and libraries[0].startswith("faer_kernels_")
+  assert sorted(p.name for p in cache.iterdir()) == [libraries[0][:-3] + ".lock", libraries[0]]
+  assert outs[0][0].split() == outs[1][0].split()
+  compiles = [line for line in log.read_text().splitlines() if " -c " in line]
+  assert sorted(line.split(" -c ")[1].split()[0].rsplit("/", 1)[-1] for line in compiles) == [
+      f.name for f in sorted(kernels._SOURCES)]  # each source compiled once
+  mtime = (cache / libraries[0]).stat().st_mtime_ns
+  third = _python(code, FAER_JAX_KERNEL_CACHE=str(cache), CXX=str(cxx))
+  assert third.returncode == 0, third.stderr
+  assert (cache / libraries[0]).stat().st_mtime_ns == mtime  # loaded, not rebuilt
+  assert len([line for line in log.read_text().splitlines() if " -c " in line]) == len(compiles)
 
 
 def test_unwritable_cache_falls_back(tmp_path):
