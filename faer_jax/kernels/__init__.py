@@ -17,8 +17,9 @@ that needs a kernel compiles it with the machine's C++ compiler (`$CXX`, else
 keyed by the source, the compiler, jaxlib and the CPU's feature flags, so a
 shared home directory over different machines is safe. Building takes 10-20 s,
 once (the sources compile side by side, one per core; processes that need the
-same build at the same time wait for one of them to make it). Where no compiler is found, or FAER_JAX_CPU_KERNELS=0, the
-model uses its pure-XLA implementation (same function, slower) and logs why.
+same build at the same time wait for one of them to make it). Where no
+compiler is found, or FAER_JAX_CPU_KERNELS=0, the model uses its pure-XLA
+implementation (same function, slower) and logs why.
 
 Two builds of the same source, by what the CPU has: AVX-512F (16-float vectors,
 a 12 x 32 register tile of 24 accumulators in 32 registers) or AVX2 with FMA
@@ -117,10 +118,9 @@ def _compile(cxx: str, flags: tuple[str, ...], target: pathlib.Path) -> None:
   with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
     objects = [pathlib.Path(tmp) / f"{source.stem}.o" for source in _SOURCES]
     compile_flags = [f for f in flags if f != "-shared"]
+    # Largest first (mlp.cc takes ~12 of the ~30 s all five take one after another on a 2-core Zen 1).
     commands = [[cxx, *compile_flags, "-I", jax.ffi.include_dir(), "-c", str(source), "-o", str(obj)]
-                for source, obj in zip(_SOURCES, objects)]
-    # The largest source (mlp.cc, ~12 of the ~30 s all take on a 2-core Zen 1) starts first.
-    commands.sort(key=lambda cmd: -pathlib.Path(cmd[cmd.index("-c") + 1]).stat().st_size)
+                for source, obj in sorted(zip(_SOURCES, objects), key=lambda so: -so[0].stat().st_size)]
     width = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     run = functools.partial(subprocess.run, capture_output=True, text=True, check=False)
     with concurrent.futures.ThreadPoolExecutor(max(1, width)) as pool:
