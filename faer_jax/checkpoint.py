@@ -28,6 +28,11 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
+try:  # Where typed PRNG keys' metadata is kept; Orbax's own array handler has one.
+  from orbax.checkpoint._src.metadata import array_metadata_store as _array_metadata_store
+except ImportError:  # moved in another Orbax version: keep Orbax's default handler
+  _array_metadata_store = None
+
 PyTree = Any
 # A grain iterator: DatasetIterator (from `IterDataset`) or DataLoaderIterator.
 DataIterator = Any
@@ -52,6 +57,28 @@ class Restored:
 def _to_json(value: Any) -> Any:
   """Scalars (Python, numpy or jax) to floats and ints, arrays to lists."""
   return np.asarray(value).tolist()
+
+
+def _state_handler() -> ocp.PyTreeCheckpointHandler:
+  """The train state's handler: Orbax's own, but in one process each array is written whole.
+
+  Orbax's default on CPU and TPU is 'replica-parallel' saving: every
+  replicated array is cut into one slice per replica and each replica writes
+  its slice. Across hosts that spreads the writing; in one process it only
+  adds work, and a lot of it at the first save: each slice is its own small
+  XLA computation, compiled per shape and device (FAER-tiny's train state,
+  replicated on 8 CPU devices: first save 17.9 s with it, 1.9 s without;
+  later saves 4.7 s and 1.8 s). Orbax itself turns it off on GPU.
+  Multi-process jobs keep Orbax's choice. The files are the same either way.
+  """
+  if jax.process_count() > 1 or _array_metadata_store is None:
+    return ocp.PyTreeCheckpointHandler()
+  arrays = ocp.type_handlers.ArrayHandler(use_replica_parallel=False,
+                                          array_metadata_store=_array_metadata_store.Store())
+  registry = ocp.type_handlers.create_type_handler_registry(
+      *[(ty, ocp.type_handlers.get_type_handler(ty)) for ty in ocp.type_handlers.supported_types()
+        if ty is not jax.Array], (jax.Array, arrays))
+  return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
 
 def _abstract(leaf: Any) -> jax.ShapeDtypeStruct:
@@ -114,7 +141,11 @@ class CheckpointManager:
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True,
     )
-    self._manager = ocp.CheckpointManager(epath.Path(directory), options=options)
+    registry = ocp.DefaultCheckpointHandlerRegistry()
+    state_handler = _state_handler()
+    registry.add("state", ocp.args.PyTreeSave, state_handler)
+    registry.add("state", ocp.args.PyTreeRestore, state_handler)
+    self._manager = ocp.CheckpointManager(epath.Path(directory), options=options, handler_registry=registry)
 
   @property
   def directory(self) -> epath.Path:
@@ -151,7 +182,7 @@ class CheckpointManager:
     metadata = {name: _to_json(value) for name, value in (metadata or {}).items()}
     if "metrics" in metadata:
       raise ValueError("Pass metrics as `metrics=`, not inside `metadata`.")
-    items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave({**metadata, "metrics": metrics})}
+    items = {"state": ocp.args.PyTreeSave(state), "meta": ocp.args.JsonSave({**metadata, "metrics": metrics})}
     if data_iterator is not None:
       items["data_iterator"] = grain.checkpoint.CheckpointSave(data_iterator)
     return self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
@@ -186,7 +217,8 @@ class CheckpointManager:
       resolved = int(step)  # also accepts '1200' from a command line
     if resolved is None or resolved not in self._manager.all_steps():
       raise FileNotFoundError(f"No checkpoint {step!r} in {self.directory} (steps: {self.all_steps()}).")
-    items = {"state": ocp.args.StandardRestore(jax.tree.map(_abstract, abstract_state)),
+    target = jax.tree.map(_abstract, abstract_state)
+    items = {"state": ocp.args.PyTreeRestore(target, ocp.checkpoint_utils.construct_restore_args(target)),
              "meta": ocp.args.JsonRestore()}
     if data_iterator is not None:
       items["data_iterator"] = grain.checkpoint.CheckpointRestore(data_iterator)

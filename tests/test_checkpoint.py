@@ -159,6 +159,28 @@ def test_restore_saved_on_8_devices_onto_fewer(tmp_path, num_devices, fsdp):
   manager.close()
 
 
+def test_one_process_saves_replicated_arrays_without_compiling(tmp_path):
+  """In one process a replicated array is written whole: no per-replica slices, each an XLA program."""
+  mesh = _mesh(8, fsdp=2)
+  # Shapes no other test saves (a slice program compiled earlier in this worker would not count).
+  state = {f"w{i}": jax.device_put(jnp.full((8 * (i + 3), 5), float(i)), NamedSharding(mesh, P()))
+           for i in range(4)}
+  compiles = []
+  listener = lambda event, duration, **kwargs: compiles.append(event) if "backend_compile" in event else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    manager = checkpoint.CheckpointManager(tmp_path)
+    manager.save(1, state)
+    manager.wait_until_finished()
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert compiles == []
+  restored = manager.restore(1, state).state
+  for name, array in state.items():
+    np.testing.assert_array_equal(np.asarray(restored[name]), np.asarray(array))
+  manager.close()
+
+
 def test_restore_target_needs_shardings(tmp_path):
   manager = checkpoint.CheckpointManager(tmp_path, async_save=False)
   manager.save(1, {"w": jnp.zeros(3)})
