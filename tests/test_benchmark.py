@@ -183,6 +183,20 @@ def test_gemm_lists_the_matrix_products_of_a_compiled_program():
   assert conv_flops == 2 * (2 * 4 * 4 * 5) * (2 * 2 * 3)
 
 
+@pytest.mark.parametrize("command,option,value,message", [
+    ("train", "--batch-size", "0", "must be at least 1, got 0"),
+    ("train", "--image-size", "16", "must be at least 32, got 16"),
+    ("train", "--steps", "x", "invalid int value: 'x'"),
+    ("layers", "--threads", "0", "must be at least 1, got 0"),
+    ("gemm", "--image-size", "8", "must be at least 32, got 8"),
+])
+def test_cli_rejects_bad_sizes_naming_the_option(capsys, command, option, value, message):
+  with pytest.raises(SystemExit) as exit_info:
+    benchmark.main([command, "--variant", "test", option, value])
+  assert exit_info.value.code == 2
+  assert f"argument {option}: {message}" in capsys.readouterr().err
+
+
 def test_gemm_cli_times_both_frameworks(capsys):
   assert benchmark.main(["gemm", "--variant", "test", "--batch-size", "2", "--image-size", "32", "--steps", "1",
                          "--json"]) == 0

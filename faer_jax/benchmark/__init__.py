@@ -21,8 +21,22 @@ This module imports neither jax nor torch: `--threads` has to act before either
 starts its thread pools (see `threads.limit_threads`).
 """
 
+import argparse
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+  """An argparse `type=`: an int >= `minimum`; else argparse's error, naming the option."""
+
+  def parse(text: str) -> int:
+    value = int(text)  # a ValueError: argparse says "invalid int value"
+    if value < minimum:
+      raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+    return value
+
+  parse.__name__ = "int"
+  return parse
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from faer_jax import cpu_memory
-from faer_jax.benchmark import threads
+from faer_jax.benchmark import at_least, threads
 
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-3, (0.9, 0.999), 1e-8, 0.01
 # Between the two frameworks' measurements: lets the other one's worker threads
@@ -36,16 +36,16 @@ def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m faer_jax.benchmark train",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--variant", default="tiny", help="ConvNeXt variant: test, atto, ..., tiny, base.")
-  p.add_argument("--batch-size", type=int, default=16)
-  p.add_argument("--image-size", type=int, default=224)
-  p.add_argument("--num-classes", type=int, default=7)
-  p.add_argument("--steps", type=int, default=3, help="Timed rounds; the median is reported.")
-  p.add_argument("--warmup", type=int, default=2,
+  p.add_argument("--batch-size", type=at_least(1), default=16)
+  p.add_argument("--image-size", type=at_least(32), default=224)
+  p.add_argument("--num-classes", type=at_least(1), default=7)
+  p.add_argument("--steps", type=at_least(1), default=3, help="Timed rounds; the median is reported.")
+  p.add_argument("--warmup", type=at_least(0), default=2,
                  help="Untimed rounds after compilation (the allocators settle over the first rounds).")
   p.add_argument("--framework", choices=("jax", "torch", "both"), default="jax")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                  help="Compute dtype (parameters stay float32; torch uses autocast).")
-  p.add_argument("--threads", type=int, default=None, help="CPU threads for both (default: all allowed).")
+  p.add_argument("--threads", type=at_least(1), default=None, help="CPU threads for both (default: all allowed).")
   p.add_argument("--conv-impl", default="auto",
                  help="auto | xla | shift | kernel: the Flax model's conv implementations "
                       "(faer_jax.models.create_model).")
