@@ -121,44 +121,58 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   return ffi::Error::Success();
 }
 
-// dk[i, j, c0:c0+TC, g*O + o : +TV*V] for one tap (i, j): a register tile of
-// TC input channels x TV output vectors, summed over the batch and the
-// positions where the tap is inside the input.
+// dk[i, j, c0:c0+TC, g*O + o : +TV*V] for one tap (i, j), over example n: a
+// register tile of TC input channels x TV output vectors, added to the sums so
+// far in acc_io, over the positions where the tap is inside the input.
 template <int TC, int TV>
-__attribute__((noinline)) void KernelGradTile(const float* x, const float* dy, int64_t N, int H, int W, int C,
-                                              int CO, int i, int j, int c0, int o0, float* dk) {
-  vec acc[TC][TV] = {};
+__attribute__((noinline)) void KernelGradTile(const float* x, const float* dy, int64_t n, int H, int W, int C,
+                                              int CO, int i, int j, int c0, int o0, float* acc_io) {
+  vec acc[TC][TV];
+  for (int c = 0; c < TC; ++c)
+    for (int v = 0; v < TV; ++v) acc[c][v] = load(acc_io + (c * TV + v) * V);
   const int h0 = std::max(0, P - i), h1 = std::min(H - 1, H - 1 + P - i);
   const int w0 = std::max(0, P - j), w1 = std::min(W - 1, W - 1 + P - j);
-  for (int64_t n = 0; n < N; ++n)
-    for (int h = h0; h <= h1; ++h)
-      for (int w = w0; w <= w1; ++w) {
-        const float* gp = dy + ((n * H + h) * W + w) * CO + o0;
-        const float* xr = x + ((n * H + h + i - P) * W + (w + j - P)) * C + c0;
-        vec gv[TV];
-        for (int v = 0; v < TV; ++v) gv[v] = load(gp + v * V);
-        for (int c = 0; c < TC; ++c) {
-          const float xs = xr[c];
-          for (int v = 0; v < TV; ++v) acc[c][v] += gv[v] * xs;
-        }
+  for (int h = h0; h <= h1; ++h)
+    for (int w = w0; w <= w1; ++w) {
+      const float* gp = dy + ((n * H + h) * W + w) * CO + o0;
+      const float* xr = x + ((n * H + h + i - P) * W + (w + j - P)) * C + c0;
+      vec gv[TV];
+      for (int v = 0; v < TV; ++v) gv[v] = load(gp + v * V);
+      for (int c = 0; c < TC; ++c) {
+        const float xs = xr[c];
+        for (int v = 0; v < TV; ++v) acc[c][v] += gv[v] * xs;
       }
+    }
   for (int c = 0; c < TC; ++c)
-    for (int v = 0; v < TV; ++v) store(dk + (int64_t)c * CO + v * V, acc[c][v]);
+    for (int v = 0; v < TV; ++v) store(acc_io + (c * TV + v) * V, acc[c][v]);
 }
 
 // Input channels per kernel-gradient tile: 12 x 32 outputs, 24 accumulators,
 // with AVX-512 (with 4, 8 accumulators, the kernel gradient took about twice as
 // long at 16x7x7x1024); 6 x 16 with AVX2.
 constexpr int kGradChannels = V == 16 ? 12 : 6;
+// Input channels per task: the task's register tiles take turns over one
+// example at a time, so that the example's rows of dy, read from memory once,
+// serve kGradBlock channels from L1. With one tile per task, all of the
+// group's dy (0.8 MB at 16x7x7x1024) was read again for every 1.4 MFLOP tile:
+// base's training step, 2 AVX2 (Zen 1) cores, 370 -> 279 ms for this call.
+// Each sum still visits the examples and positions in order: the same bits.
+constexpr int kGradBlock = 48;  // 4 AVX-512 tiles, 8 AVX2 ones
 
 template <int TV>
 void KernelGradBlock(const float* x, const float* dy, int64_t N, int H, int W, int C, int CO, int i, int j,
                      int c0, int tc, int o0, float* dk) {
-  int c = 0;
-  for (; c + kGradChannels <= tc; c += kGradChannels)
-    KernelGradTile<kGradChannels, TV>(x, dy, N, H, W, C, CO, i, j, c0 + c, o0, dk + (int64_t)c * CO);
-  for (; c + 4 <= tc; c += 4) KernelGradTile<4, TV>(x, dy, N, H, W, C, CO, i, j, c0 + c, o0, dk + (int64_t)c * CO);
-  for (; c < tc; ++c) KernelGradTile<1, TV>(x, dy, N, H, W, C, CO, i, j, c0 + c, o0, dk + (int64_t)c * CO);
+  float acc[kGradBlock * 2 * V] = {};  // channel c's TV vectors at (c * TV + v) * V
+  for (int64_t n = 0; n < N; ++n) {
+    int c = 0;
+    for (; c + kGradChannels <= tc; c += kGradChannels)
+      KernelGradTile<kGradChannels, TV>(x, dy, n, H, W, C, CO, i, j, c0 + c, o0, acc + c * TV * V);
+    for (; c + 4 <= tc; c += 4)
+      KernelGradTile<4, TV>(x, dy, n, H, W, C, CO, i, j, c0 + c, o0, acc + c * TV * V);
+    for (; c < tc; ++c) KernelGradTile<1, TV>(x, dy, n, H, W, C, CO, i, j, c0 + c, o0, acc + c * TV * V);
+  }
+  for (int c = 0; c < tc; ++c)
+    for (int v = 0; v < TV; ++v) store(dk + (int64_t)c * CO + v * V, load(acc + (c * TV + v) * V));
 }
 
 ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, int64_t groups,
@@ -176,7 +190,7 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const float* xp = x.typed_data();
   const float* gp = dy.typed_data();
   float* kp = dk->typed_data();
-  constexpr int TC = kGradChannels;
+  constexpr int TC = kGradBlock;
   const int cblocks = (I + TC - 1) / TC;
   // One task per (tap, group, block of TC input channels): it owns its output.
   ParallelFor(pool, (int64_t)K * K * G * cblocks, [&](int64_t t) {
