@@ -190,15 +190,14 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const float* xp = x.typed_data();
   const float* gp = dy.typed_data();
   float* kp = dk->typed_data();
-  constexpr int TC = kGradBlock;
-  const int cblocks = (I + TC - 1) / TC;
-  // One task per (tap, group, block of TC input channels): it owns its output.
+  const int cblocks = (I + kGradBlock - 1) / kGradBlock;
+  // One task per (tap, group, block of kGradBlock input channels): it owns its output.
   ParallelFor(pool, (int64_t)K * K * G * cblocks, [&](int64_t t) {
     const int cb = (int)(t % cblocks);
     const int g = (int)(t / cblocks % G);
     const int tap = (int)(t / cblocks / G);
     const int i = tap / K, j = tap % K;
-    const int c = cb * TC, tc = std::min(TC, I - c);
+    const int c = cb * kGradBlock, tc = std::min(kGradBlock, I - c);
     float* out = kp + ((int64_t)tap * I + c) * CO + (int64_t)g * O;
     int o = 0;
     for (; o + 2 * V <= O; o += 2 * V)
