@@ -164,10 +164,11 @@ def _grouped_reference(x, kernel, groups):
 
 
 # CC Attention's 7x7 map and smaller ones (the demo's 2x2), odd batches and shapes,
-# 16- and 32-wide output blocks, one group.
+# 16- and 32-wide output blocks, one group; 112 input channels a group: the kernel
+# gradient's two blocks of 48 channels and a block of 16.
 @pytest.mark.parametrize("shape,groups,out", [((2, 7, 7, 64), 4, 64), ((5, 5, 4, 32), 2, 96),
                                               ((1, 1, 1, 16), 1, 16), ((3, 9, 6, 128), 4, 128),
-                                              ((2, 2, 2, 64), 4, 64)])
+                                              ((2, 2, 2, 64), 4, 64), ((2, 5, 6, 224), 2, 96)])
 def test_grouped_kernel_equals_grouped_convolution(shape, groups, out):
   ks = jax.random.split(jax.random.key(shape[0] * out), 3)
   x = jax.random.normal(ks[0], shape)
@@ -246,6 +247,8 @@ def test_the_build_follows_the_cpu_and_the_switch(monkeypatch):
   assert kernels._choice() == ("avx2", ("-mno-avx512f",))
   cpu("flags\t\t: fpu sse2 avx avx2 fma")
   assert kernels.cpu_isa() == "avx2" and kernels._choice() == ("avx2", ())
+  monkeypatch.setenv("FAER_JAX_CPU_KERNELS", "wide")  # 16-float vectors without AVX-512
+  assert kernels._choice() == ("wide", ("-mno-avx512f", "-DFAER_JAX_WIDE_VECTORS"))
   monkeypatch.setenv("FAER_JAX_CPU_KERNELS", "1")
   assert kernels._choice() == ("avx2", ())
   for other in ("flags\t\t: fpu sse2 avx avx2", "aarch64"):  # AVX2 without FMA; not x86
@@ -260,24 +263,36 @@ def test_the_build_follows_the_cpu_and_the_switch(monkeypatch):
   with pytest.raises(kernels.KernelUnavailable, match="no compiler"):
     kernels.load.__wrapped__()
   monkeypatch.setenv("FAER_JAX_CPU_KERNELS", "yes")
-  with pytest.raises(ValueError, match="FAER_JAX_CPU_KERNELS='yes': expected one of 1, 0, avx2, force"):
+  with pytest.raises(ValueError, match="FAER_JAX_CPU_KERNELS='yes': expected one of 1, 0, avx2, wide, force"):
     kernels.load.__wrapped__()
 
 
 def test_loaded_build_is_the_one_asked_for():
   asked = os.environ.get("FAER_JAX_CPU_KERNELS", "1")
-  assert kernels.load() == {"avx2": "avx2", "force": "native"}.get(asked, kernels.cpu_isa())
+  assert kernels.load() == {"avx2": "avx2", "wide": "wide", "force": "native"}.get(asked, kernels.cpu_isa())
 
 
-@pytest.mark.skipif(kernels.cpu_isa() != "avx512", reason="the default build here is already the AVX2 one (or none)")
-def test_avx2_build_computes_the_same_functions():
-  """The kernels' value and gradient tests, again with the AVX2 build (8-float vectors, 6 x 16 tiles)."""
+_OTHER_WIDTH = {"avx512": "avx2", "avx2": "wide"}.get(kernels.cpu_isa())
+
+
+@pytest.mark.skipif(_OTHER_WIDTH is None, reason="no kernel build for this CPU")
+def test_the_other_vector_width_computes_the_same_functions():
+  """The kernels' value and gradient tests, again with the other vector width's code.
+
+  On an AVX-512 CPU: the AVX2 build (8-float vectors, 6 x 16 tiles). On an AVX2 CPU: the
+  AVX-512 build's 16-float vectors and 12 x 32 tiles, each vector op run as two
+  (FAER_JAX_CPU_KERNELS=wide). That one costs ~3 minutes of a 2-core Zen 1's suite (its mlp.cc
+  alone compiles for 73 s), so it runs only with FAER_JAX_TEST_WIDE=1: set it before landing a
+  change to the kernels' tiles from a machine without AVX-512.
+  """
+  if _OTHER_WIDTH == "wide" and os.environ.get("FAER_JAX_TEST_WIDE") != "1":
+    pytest.skip("the 16-float build on this AVX2 CPU takes minutes: FAER_JAX_TEST_WIDE=1 runs it")
   tests = [os.path.join(os.path.dirname(__file__), f) for f in
            ("test_kernels.py", "test_mlp_kernel.py", "test_patch_kernel.py")]
   selection = "equal or equals or match or thread_count or asked_for"
   result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
                            *tests, "-k", selection], capture_output=True, text=True, timeout=900, check=False,
-                          env={**os.environ, "FAER_JAX_CPU_KERNELS": "avx2"})
+                          env={**os.environ, "FAER_JAX_CPU_KERNELS": _OTHER_WIDTH})
   assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
   summary = result.stdout.strip().splitlines()[-1]
   assert " passed" in summary and "failed" not in summary and "error" not in summary, summary

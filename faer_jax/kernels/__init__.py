@@ -32,6 +32,9 @@ FAER_JAX_CPU_KERNELS:
   1 (or unset)  the build this CPU supports, if any
   0             off: the pure-XLA layers
   avx2          the AVX2 build even on an AVX-512 CPU (tests, comparisons)
+  wide          the AVX-512 build's 16-float vectors and tiles on any AVX2 CPU, each vector op
+                run as two (FAER_JAX_WIDE_VECTORS in common.h): slow; it lets a machine without
+                AVX-512 run that build's code (tests)
   force         whatever `-march=native` gives, on any CPU
 """
 
@@ -139,7 +142,7 @@ def _compile(cxx: str, flags: tuple[str, ...], target: pathlib.Path) -> None:
   logging.info("Built the CPU kernels into %s", target)
 
 
-_SETTINGS = ("1", "0", "avx2", "force")
+_SETTINGS = ("1", "0", "avx2", "wide", "force")
 
 
 def cpu_isa() -> str | None:
@@ -167,13 +170,15 @@ def _choice() -> tuple[str, tuple[str, ...]]:
                             "FAER_JAX_CPU_KERNELS=force builds them anyway")
   if setting == "avx2" and isa == "avx512":
     return "avx2", ("-mno-avx512f",)
+  if setting == "wide":
+    return "wide", ("-mno-avx512f", "-DFAER_JAX_WIDE_VECTORS")
   return isa, ()
 
 
 @functools.cache
 def load() -> str:
   """Builds (once per machine and build) and registers the kernels; returns which build
-  ('avx512', 'avx2' or 'native' under FAER_JAX_CPU_KERNELS=force). Raises KernelUnavailable."""
+  ('avx512', 'avx2', 'wide' or 'native' under FAER_JAX_CPU_KERNELS=force). Raises KernelUnavailable."""
   isa, flags = _choice()
   try:
     library = ctypes.cdll.LoadLibrary(str(_build(_compiler(), flags)))

@@ -27,7 +27,11 @@ constexpr int P = 3;    // padding
 // Channels per vector: one AVX-512 register (16 floats, 32 registers), or one
 // AVX2 register (8 floats, 16 registers) where the build has no AVX-512F. The
 // register tiles below are sized from V to fit the register file.
-#if defined(__AVX512F__)
+// FAER_JAX_WIDE_VECTORS gives the AVX-512 build's vectors and tiles to a build
+// without AVX-512F (GCC splits each vector operation in two, and the tiles spill
+// registers): slow, for running that build's code on any AVX2 machine
+// (FAER_JAX_CPU_KERNELS=wide, the tests).
+#if defined(__AVX512F__) || defined(FAER_JAX_WIDE_VECTORS)
 constexpr int V = 16;
 #else
 constexpr int V = 8;

@@ -109,10 +109,12 @@ inline void Stream(float* p, vec v) {
 }
 #elif defined(__AVX__)
 constexpr uintptr_t kStreamAlign = 32;
-inline void Stream(float* p, vec v) {  // V = 8 without AVX-512F (common.h)
-  __m256 m;
-  std::memcpy(&m, &v, sizeof(m));
-  _mm256_stream_ps(p, m);
+inline void Stream(float* p, vec v) {  // V = 8 without AVX-512F (16 under FAER_JAX_WIDE_VECTORS: two halves)
+  for (int i = 0; i < V; i += 8) {
+    __m256 m;
+    std::memcpy(&m, reinterpret_cast<const float*>(&v) + i, sizeof(m));
+    _mm256_stream_ps(p + i, m);
+  }
 }
 #else
 constexpr uintptr_t kStreamAlign = 0;  // no streaming stores: ordinary ones
