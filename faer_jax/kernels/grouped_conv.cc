@@ -28,20 +28,26 @@ namespace {
 // where tap (i, j) lands inside the input, acc[(h, w, n), o] += x[n, h+i-3,
 // w+j-3, g*I + c] * k[i, j, c, g*O + o]. Pixels are ordered (h, w, n), so a
 // register tile of TN examples at one position shares the tap's validity and
-// the padding is skipped exactly; a block of CB input channels x TV*V output
-// channels of the kernel stays in L1 while every position streams past it.
-// Tiles of 8 examples (16 accumulators; AVX2: 6 and 12) and blocks of 128 channels: at
-// 16x7x7x1024, 2 threads, the forward took 118 ms with 4 and 64, 70 ms now
-// (12 examples: 96 ms; 256 channels: 79 ms). Same sums, same order.
+// the padding is skipped exactly. A task owns OB output channels of a group
+// (it owned 2V, and read the group's whole input again for every 2V); the
+// kernel's block of CB input x OB output channels is packed contiguous (read in
+// place, its rows lie CO floats apart: 4 KB at base, all in one set of L1), and
+// each tile of TN examples' input serves the block's register tiles (TV*V wide)
+// in turn. Tiles of 8 examples (16 accumulators; AVX2: 6 and 12). The forward
+// alone at 16x7x7x768 and 16x7x7x1024, 4 groups, 2 Zen 1 threads (medians of 9,
+// three rounds): 119-128 -> 112-119 ms and 248-264 -> 196-207 ms; OB of 32-128
+// and CB of 64-128 within the noise of each other, CB 32 slower. Same sums in
+// the same order as before: the same bits.
 constexpr int CB = 128;
+constexpr int OB = 64;
 constexpr int kTileExamples = V == 16 ? 8 : 6;  // AVX2: 12 accumulators of its 16 registers
 
 template <int TN, int TV>
 __attribute__((noinline)) void ForwardTile(const float* x, int64_t x_example, const float* k, int64_t k_row, int cn,
-                                           float* acc_out) {
+                                           float* acc_out, int64_t acc_example) {
   vec acc[TN][TV];
   for (int p = 0; p < TN; ++p)
-    for (int v = 0; v < TV; ++v) acc[p][v] = load(acc_out + (p * TV + v) * V);
+    for (int v = 0; v < TV; ++v) acc[p][v] = load(acc_out + p * acc_example + v * V);
   for (int c = 0; c < cn; ++c) {
     vec kv[TV];
     for (int v = 0; v < TV; ++v) kv[v] = load(k + c * k_row + v * V);
@@ -51,34 +57,56 @@ __attribute__((noinline)) void ForwardTile(const float* x, int64_t x_example, co
     }
   }
   for (int p = 0; p < TN; ++p)
-    for (int v = 0; v < TV; ++v) store(acc_out + (p * TV + v) * V, acc[p][v]);
+    for (int v = 0; v < TV; ++v) store(acc_out + p * acc_example + v * V, acc[p][v]);
 }
 
-template <int TV>
-void ForwardBlock(const float* x, int64_t N, int H, int W, int C, const float* k, int64_t k_row, int cn, int i,
-                  int j, float* acc) {
-  // acc: (H, W, N, TV*V) for this output block; x points at channel g*I + c0 of example 0.
+// TN examples at one position, all ov output vectors of the block: tiles of 2
+// vectors, then one. k is the block packed by PackKernel.
+template <int TN>
+void ForwardTiles(const float* x, int64_t x_example, const float* k, int cn, float* acc, int ov) {
+  int v = 0;
+  for (; v + 2 <= ov; v += 2) ForwardTile<TN, 2>(x, x_example, k + cn * v * V, 2 * V, cn, acc + v * V, ov * V);
+  if (v < ov) ForwardTile<TN, 1>(x, x_example, k + cn * v * V, V, cn, acc + v * V, ov * V);
+}
+
+// The kernel block k[c, v*V ...] (cn rows of ov vectors, rows k_row apart) as
+// ForwardTiles reads it: each tile's columns (2 vectors, or the last 1) for
+// row 0, 1, ... contiguous. Read in place, the rows lay CO floats apart (4 KB
+// at base's CO = 1024: every row in one set of the L1 cache).
+void PackKernel(const float* k, int64_t k_row, int cn, int ov, float* packed) {
+  for (int v = 0; v < ov; v += 2) {
+    const int tv = std::min(2, ov - v);
+    float* out = packed + (int64_t)cn * v * V;
+    for (int c = 0; c < cn; ++c)
+      for (int u = 0; u < tv; ++u) store(out + (c * tv + u) * V, load(k + c * k_row + (v + u) * V));
+  }
+}
+
+void ForwardBlock(const float* x, int64_t N, int H, int W, int C, const float* k, int cn, int i, int j, float* acc,
+                  int ov) {
+  // acc: (H, W, N, ov*V) for this output block; x points at channel g*I + c0 of example 0.
   const int h0 = std::max(0, P - i), h1 = std::min(H - 1, H - 1 + P - i);
   const int w0 = std::max(0, P - j), w1 = std::min(W - 1, W - 1 + P - j);
-  const int64_t x_example = (int64_t)H * W * C;
+  const int64_t x_example = (int64_t)H * W * C, acc_example = (int64_t)ov * V;
   for (int h = h0; h <= h1; ++h)
     for (int w = w0; w <= w1; ++w) {
       const float* xp = x + ((int64_t)(h + i - P) * W + (w + j - P)) * C;
-      float* ap = acc + ((int64_t)h * W + w) * N * TV * V;
+      float* ap = acc + ((int64_t)h * W + w) * N * acc_example;
       int64_t n = 0;
       for (; n + kTileExamples <= N; n += kTileExamples)
-        ForwardTile<kTileExamples, TV>(xp + n * x_example, x_example, k, k_row, cn, ap + n * TV * V);
-      for (; n + 4 <= N; n += 4) ForwardTile<4, TV>(xp + n * x_example, x_example, k, k_row, cn, ap + n * TV * V);
+        ForwardTiles<kTileExamples>(xp + n * x_example, x_example, k, cn, ap + n * acc_example, ov);
+      for (; n + 4 <= N; n += 4) ForwardTiles<4>(xp + n * x_example, x_example, k, cn, ap + n * acc_example, ov);
       switch (N - n) {
-        case 3: ForwardTile<3, TV>(xp + n * x_example, x_example, k, k_row, cn, ap + n * TV * V); break;
-        case 2: ForwardTile<2, TV>(xp + n * x_example, x_example, k, k_row, cn, ap + n * TV * V); break;
-        case 1: ForwardTile<1, TV>(xp + n * x_example, x_example, k, k_row, cn, ap + n * TV * V); break;
+        case 3: ForwardTiles<3>(xp + n * x_example, x_example, k, cn, ap + n * acc_example, ov); break;
+        case 2: ForwardTiles<2>(xp + n * x_example, x_example, k, cn, ap + n * acc_example, ov); break;
+        case 1: ForwardTiles<1>(xp + n * x_example, x_example, k, cn, ap + n * acc_example, ov); break;
         default: break;
       }
     }
 }
 
 thread_local std::vector<float> accumulator;
+thread_local std::vector<float> packed_kernel;
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k, int64_t groups,
                    ffi::ResultBuffer<ffi::F32> y) {
@@ -90,32 +118,32 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   const int64_t N = xd[0];
   const int H = xd[1], W = xd[2], C = xd[3];
   const int I = kd[2], G = groups, CO = kd[3], O = CO / G;
-  const int oblocks = (O + 2 * V - 1) / (2 * V);
+  const int oblocks = (O + OB - 1) / OB;
   const float* xp = x.typed_data();
   const float* kp = k.typed_data();
   float* yp = y->typed_data();
-  // One task per (group, block of 2V (or V) output channels).
+  // One task per (group, block of OB output channels).
   ParallelFor(pool, (int64_t)G * oblocks, [&](int64_t t) {
     const int g = (int)(t / oblocks);
-    const int o0 = (int)(t % oblocks) * 2 * V;
-    const int tv = std::min(2, (O - o0) / V);
-    const int64_t size = N * H * W * tv * V;
+    const int o0 = (int)(t % oblocks) * OB;
+    const int ov = std::min(OB, O - o0) / V;
+    const int64_t size = N * H * W * ov * V;
     if ((int64_t)accumulator.size() < size) accumulator.resize(size);
     float* acc = accumulator.data();
     std::fill(acc, acc + size, 0.f);
+    packed_kernel.resize(CB * OB);
     for (int i = 0; i < K; ++i)
       for (int j = 0; j < K; ++j)
         for (int c0 = 0; c0 < I; c0 += CB) {
-          const float* kb = kp + ((int64_t)(i * K + j) * I + c0) * CO + (int64_t)g * O + o0;
-          const float* xb = xp + (int64_t)g * I + c0;
           const int cn = std::min(CB, I - c0);
-          if (tv == 2) ForwardBlock<2>(xb, N, H, W, C, kb, CO, cn, i, j, acc);
-          else ForwardBlock<1>(xb, N, H, W, C, kb, CO, cn, i, j, acc);
+          PackKernel(kp + ((int64_t)(i * K + j) * I + c0) * CO + (int64_t)g * O + o0, CO, cn, ov,
+                     packed_kernel.data());
+          ForwardBlock(xp + (int64_t)g * I + c0, N, H, W, C, packed_kernel.data(), cn, i, j, acc, ov);
         }
     for (int h = 0; h < H; ++h)
       for (int w = 0; w < W; ++w)
         for (int64_t n = 0; n < N; ++n)
-          std::copy_n(acc + (((int64_t)h * W + w) * N + n) * tv * V, tv * V,
+          std::copy_n(acc + (((int64_t)h * W + w) * N + n) * ov * V, ov * V,
                       yp + ((n * H + h) * W + w) * CO + (int64_t)g * O + o0);
   });
   return ffi::Error::Success();
