@@ -5,10 +5,14 @@ a laptop. XLA reads the flag once, when the backend starts, so it has to be in
 the environment before anything imports jax; pytest imports this file first.
 """
 
+import fcntl
 import os
+import pathlib
+import shutil
 import socket
 import subprocess
 import sys
+from typing import Callable
 
 import pytest
 
@@ -35,6 +39,28 @@ def cpu_kernels() -> str:
   if setting == "0" or (setting != "force" and kernels.cpu_isa() is None):
     pytest.skip(f"the CPU kernels are off here (FAER_JAX_CPU_KERNELS={setting}, CPU: {kernels.cpu_isa()})")
   return kernels.load()
+
+
+def shared_dir(tmp_path_factory, name: str, make: Callable[[pathlib.Path], object]) -> pathlib.Path:
+  """A directory that `make(path)` fills once per test session, shared by pytest-xdist's workers.
+
+  The first worker to ask makes it under a file lock; the others wait for it and reuse it, so
+  its users must only read it. (Each worker made its own: the trained runs of test_train.py and
+  test_predict.py took 36-45 s a worker on a 2-core Zen 1.) A worker whose `make` fails leaves
+  no mark: the next one to ask tries again.
+  """
+  root = tmp_path_factory.getbasetemp()
+  if "PYTEST_XDIST_WORKER" in os.environ:
+    root = root.parent  # the session's base directory, above each worker's own
+  path, done = root / name, root / f"{name}.done"
+  with open(root / f"{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not done.exists():
+      shutil.rmtree(path, ignore_errors=True)
+      path.mkdir()
+      make(path)
+      done.touch()
+  return path
 
 
 def _free_port() -> int:

@@ -15,14 +15,15 @@ from faer_jax.data import create_source, pipeline
 from faer_jax.interop import init_variables, load_state_dict
 from faer_jax.interop.torch_reference import create_torch_model
 from faer_jax.models import create_model
+from conftest import shared_dir
 from test_train import demo_config, synth_root  # noqa: F401  (the shrunk demo run and its data)
 
 
 @pytest.fixture(scope="module")
 def trained(synth_root, tmp_path_factory):  # noqa: F811
-  workdir = tmp_path_factory.mktemp("trained")
-  train.train_and_evaluate(demo_config(synth_root), str(workdir))
-  return str(workdir)
+  """The shrunk demo run (made once, shared by the test workers; read only)."""
+  make = lambda workdir: train.train_and_evaluate(demo_config(synth_root), str(workdir))
+  return str(shared_dir(tmp_path_factory, "trained", make))
 
 
 def test_predictions_equal_the_evaluation_path(trained, synth_root):  # noqa: F811

@@ -17,6 +17,8 @@ import pytest
 from faer_jax import evaluate, metric_writer, steps, train
 from faer_jax.data.synth import ensure_synthetic_rafdb
 
+from conftest import shared_dir
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "configs", "demo.py")
 
@@ -28,9 +30,9 @@ SHRINK = {"image_size": 32, "batch_size": 8, "eval_batch_size": 8, "num_train_st
 
 @pytest.fixture(scope="module")
 def synth_root(tmp_path_factory):
-  root = tmp_path_factory.mktemp("synthetic")
-  ensure_synthetic_rafdb(root, SHRINK["data.synthetic_num_train"], SHRINK["data.synthetic_num_test"], seed=0)
-  return str(root)
+  make = lambda root: ensure_synthetic_rafdb(root, SHRINK["data.synthetic_num_train"],
+                                             SHRINK["data.synthetic_num_test"], seed=0)
+  return str(shared_dir(tmp_path_factory, "synthetic", make))
 
 
 def demo_config(synth_root, **overrides):
@@ -87,10 +89,9 @@ def assert_same_run(workdir_a, workdir_b, synth_root):
 
 @pytest.fixture(scope="module")
 def uninterrupted(synth_root, tmp_path_factory):
-  """The reference run, in a subprocess on one CPU device."""
-  workdir = tmp_path_factory.mktemp("uninterrupted")
-  run_cli("faer_jax.train", cli_args(synth_root, workdir))
-  return workdir
+  """The reference run, in a subprocess on one CPU device (made once, shared by the test workers)."""
+  return shared_dir(tmp_path_factory, "uninterrupted", lambda workdir: run_cli("faer_jax.train",
+                                                                             cli_args(synth_root, workdir)))
 
 
 def test_demo_end_to_end_in_process(synth_root, tmp_path):
