@@ -45,14 +45,14 @@ constexpr int OB = 64;
 constexpr int kTileExamples = V == 16 ? 8 : 6;  // AVX2: 12 accumulators of its 16 registers
 
 template <int TN, int TV>
-__attribute__((noinline)) void ForwardTile(const float* x, int64_t x_example, const float* k, int64_t k_row, int cn,
-                                           float* acc_out, int64_t acc_example) {
+__attribute__((noinline)) void ForwardTile(const float* x, int64_t x_example, const float* k, int cn, float* acc_out,
+                                           int64_t acc_example) {
   vec acc[TN][TV];
   for (int p = 0; p < TN; ++p)
     for (int v = 0; v < TV; ++v) acc[p][v] = load(acc_out + p * acc_example + v * V);
   for (int c = 0; c < cn; ++c) {
     vec kv[TV];
-    for (int v = 0; v < TV; ++v) kv[v] = load(k + c * k_row + v * V);
+    for (int v = 0; v < TV; ++v) kv[v] = load(k + (c * TV + v) * V);  // packed: row c's TV vectors
     for (int p = 0; p < TN; ++p) {
       const float xs = x[p * x_example + c];
       for (int v = 0; v < TV; ++v) acc[p][v] += kv[v] * xs;
@@ -67,8 +67,8 @@ __attribute__((noinline)) void ForwardTile(const float* x, int64_t x_example, co
 template <int TN>
 void ForwardTiles(const float* x, int64_t x_example, const float* k, int cn, float* acc, int ov) {
   int v = 0;
-  for (; v + 2 <= ov; v += 2) ForwardTile<TN, 2>(x, x_example, k + cn * v * V, 2 * V, cn, acc + v * V, ov * V);
-  if (v < ov) ForwardTile<TN, 1>(x, x_example, k + cn * v * V, V, cn, acc + v * V, ov * V);
+  for (; v + 2 <= ov; v += 2) ForwardTile<TN, 2>(x, x_example, k + cn * v * V, cn, acc + v * V, ov * V);
+  if (v < ov) ForwardTile<TN, 1>(x, x_example, k + cn * v * V, cn, acc + v * V, ov * V);
 }
 
 // The kernel block k[c, v*V ...] (cn rows of ov vectors, rows k_row apart) as
