@@ -156,6 +156,19 @@ def test_model_gradients_match_xla_impl():
     assert_close(a, b, rtol=1e-4, what=jax.tree_util.keystr(path))
 
 
+@pytest.mark.parametrize("impl", ["xla", "shift"])
+def test_pure_xla_impls_reach_every_layer(impl):
+  """conv_impl 'xla' and 'shift' run no C++ kernel anywhere, CC Attention's conv included."""
+  images = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+
+  def program(impl):
+    model = create_model("test", 7, conv_impl=impl)
+    return jax.jit(model.apply).lower(jax.eval_shape(model.init, jax.random.key(0), images), images).as_text()
+
+  assert "faer_gconv7" in program("kernel")
+  assert "faer_" not in program(impl)
+
+
 # --- CC Attention's grouped conv ------------------------------------------------------
 
 def _grouped_reference(x, kernel, groups):

@@ -38,7 +38,7 @@ class FAER(nn.Module):
   def setup(self):
     self.backbone = ConvNeXt(self.depths, self.dims, self.drop_path_rate, self.layer_scale_init_value,
                              self.dtype, self.conv_impl)
-    self.cc_attention = CCAttention(self.dims[-1], self.dtype)
+    self.cc_attention = CCAttention(self.dims[-1], self.dtype, self.conv_impl)
     self.norm = layers.layer_norm(1e-6, self.dtype, None)
     # The original multiplies the head's initial weight and bias by head_init_scale.
     scaled = lambda init: (lambda *a: init(*a) * self.head_init_scale)
