@@ -55,7 +55,7 @@ def gradcam(model, params, images: jax.Array, targets: jax.Array, layer: str = "
 
   grads, logits = jax.grad(target_logit_sum, has_aux=True)(activations)
   weights = jnp.mean(grads, axis=(1, 2))                                   # (B, C)
-  cams = jax.nn.relu(jnp.einsum("bhwc,bc->bhw", activations, weights))
+  cams = jax.nn.relu(jnp.einsum("bhwc,bc->bhw", activations, weights, precision=jax.lax.Precision.HIGHEST))
   return cams.astype(jnp.float32), logits
 
 

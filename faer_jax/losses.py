@@ -203,7 +203,8 @@ def update_centers(centers: jax.Array, features: jax.Array, labels: jax.Array, *
   counts = jnp.sum(one_hot, axis=0)  # [classes]
   # Σ_i δ(y_i = j)(c_j - x_i) = n_j c_j - Σ_{i: y_i = j} x_i
   centers32 = centers.astype(jnp.float32)
-  diff_sum = counts[:, None] * centers32 - one_hot.T @ features
+  # At float32 precision on every backend (a TPU's default is one bfloat16 pass).
+  diff_sum = counts[:, None] * centers32 - jnp.matmul(one_hot.T, features, precision=jax.lax.Precision.HIGHEST)
   delta = diff_sum / (1.0 + counts[:, None])
   return (centers32 - alpha * delta).astype(centers.dtype)
 

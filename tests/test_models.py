@@ -1,6 +1,7 @@
 """The Flax FAER on its own: shapes, parameter counts, initialisation, drop path, dtypes."""
 
 import math
+import re
 
 import flax.linen as nn
 import jax
@@ -125,6 +126,25 @@ def test_bfloat16_compute_keeps_float32_params():
   assert logits.dtype == jnp.bfloat16
   ref = create_model("test", 7).apply(variables, images)[1]
   np.testing.assert_allclose(np.asarray(logits, np.float32), ref, atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("conv_impl", ["xla", "auto"])
+def test_float32_products_ask_for_float32_precision(conv_impl):
+  """Every matrix product and convolution of a training step on float32 operands asks for HIGHEST precision
+  (GPUs would otherwise run TF32, TPUs one bfloat16 pass); on bfloat16 operands the backend's default."""
+  images = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+  for dtype in (jnp.float32, jnp.bfloat16):
+    model = create_model("test", 7, conv_impl=conv_impl, dtype=dtype)
+    variables = jax.eval_shape(model.init, jax.random.key(0), images)
+    loss = lambda v, x: jnp.sum(model.apply(v, x)[1].astype(jnp.float32) ** 2)
+    program = jax.jit(jax.grad(loss)).lower(variables, images).as_text()
+    products = [line for line in program.splitlines()
+                if "stablehlo.dot_general" in line or "stablehlo.convolution" in line]
+    assert len(products) >= 10, len(products)  # 'auto' on CPU: the C++ kernels take the rest
+    for line in products:
+      operand_types = re.search(r": \((tensor<[^>]*>), (tensor<[^>]*>)\) ->", line).groups()
+      highest = "HIGHEST" in line
+      assert highest == all(t.endswith("xf32>") for t in operand_types), line
 
 
 def test_unknown_variant_is_a_clear_error():

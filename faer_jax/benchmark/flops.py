@@ -3,9 +3,10 @@
 from typing import Any
 
 # Dense peak FLOP/s per chip from the vendors' data sheets: (bfloat16, float32).
-# GPUs' float32 is the non-tensor-core rate (XLA's default precision for f32
-# dots on GPU is TF32 only when asked for). TPUs have no separate f32 matmul
-# peak (f32 runs as several bf16 passes), so theirs is left unknown. Keys are
+# GPUs' float32 is the non-tensor-core rate: in float32 the model asks for
+# float32 precision (faer_jax.models.layers.precision), not XLA's default
+# TF32. TPUs have no separate f32 matmul peak (f32 runs as several bf16
+# passes), so theirs is left unknown. Keys are
 # matched, in order, against `device.device_kind` (lower case), e.g.
 # 'NVIDIA H100 80GB HBM3', 'TPU v5 lite'. CPUs: unknown, no MFU.
 PEAK_FLOPS: tuple[tuple[str, float, float | None], ...] = (

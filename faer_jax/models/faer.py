@@ -42,7 +42,8 @@ class FAER(nn.Module):
     self.norm = layers.layer_norm(1e-6, self.dtype, None)
     # The original multiplies the head's initial weight and bias by head_init_scale.
     scaled = lambda init: (lambda *a: init(*a) * self.head_init_scale)
-    self.head = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=scaled(layers.kernel_init),
+    self.head = nn.Dense(self.num_classes, dtype=self.dtype, precision=layers.precision(self.dtype),
+                         kernel_init=scaled(layers.kernel_init),
                          bias_init=scaled(layers.bias_init))
 
   def __call__(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:

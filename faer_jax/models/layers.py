@@ -39,6 +39,19 @@ def gelu(x: jax.Array) -> jax.Array:
   return 0.5 * x * (1.0 + lax.erf(x * jnp.asarray(2 ** -0.5, x.dtype)))
 
 
+def precision(dtype: Dtype) -> lax.Precision | None:
+  """The precision of the model's matrix products and convolutions in compute dtype `dtype`.
+
+  float32 ones run at float32 precision on every backend, as the PyTorch
+  original's do on the CPU and in its Linear layers on GPU: left to their
+  defaults, XLA computes float32 products in TensorFloat-32 on recent NVIDIA
+  GPUs (10-bit mantissas) and in one bfloat16 pass on TPUs. (The CPU computes
+  float32 either way; the setting changes nothing there.) In bfloat16 the
+  backend's default: its inputs have no more digits to keep.
+  """
+  return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
 def layer_norm(eps: float, dtype: Dtype, name: str | None) -> "LayerNorm":
   """A LayerNorm over the channel (last) axis, computed as torch computes it (see LayerNorm)."""
   return LayerNorm(epsilon=eps, dtype=dtype, name=name)
@@ -76,7 +89,7 @@ class LayerNorm(nn.Module):
     x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     if jax.default_backend() == "cpu":
       ones = jnp.ones((c,), x.dtype)
-      row_mean = lambda v: (v @ ones) / c
+      row_mean = lambda v: jnp.matmul(v, ones, precision=precision(v.dtype)) / c
     else:
       row_mean = lambda v: jnp.mean(v, axis=-1)
     mean = row_mean(x)
@@ -89,7 +102,8 @@ def dense(features: int, dtype: Dtype, name: str) -> nn.Dense:
   # A hand-written gradient taking the weight gradient on 2-D (N*H*W, C) views
   # halved that matmul's time in a single ConvNeXt block's backward on CPU, but
   # measured no faster on the whole training step, so autodiff's it is.
-  return nn.Dense(features, dtype=dtype, kernel_init=kernel_init, bias_init=bias_init, name=name)
+  return nn.Dense(features, dtype=dtype, precision=precision(dtype), kernel_init=kernel_init, bias_init=bias_init,
+                  name=name)
 
 
 def _resolve(impl: str, cpu: str, other: str, choices: tuple[str, ...]) -> str:
@@ -149,7 +163,8 @@ class DepthwiseConv7x7(nn.Module):
     if impl == "xla":
       y = lax.conv_general_dilated(
           x, kernel, window_strides=(1, 1), padding=((3, 3), (3, 3)),
-          dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.features)
+          dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.features,
+          precision=precision(x.dtype))
     elif impl == "kernel":
       y = kernel_depthwise.depthwise_conv7x7(x, kernel[:, :, 0, :])
     else:
@@ -252,7 +267,7 @@ class PatchConv(nn.Module):
         and kernels.available()):
       return kernel_patch.patch_conv(x, kernel, bias)
     y = lax.conv_general_dilated(x, kernel, window_strides=(p, p), padding="VALID",
-                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision(x.dtype))
     return y + bias
 
 
@@ -290,7 +305,7 @@ class GroupedConv(nn.Module):
     x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
     conv = lambda x, kernel, groups: lax.conv_general_dilated(
         x, kernel, window_strides=(1, 1), padding=((k // 2, k // 2),) * 2,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups, precision=precision(x.dtype))
     impl = _resolve(self.impl, "kernel", "xla", ("xla", "split", "shift", "kernel"))
     if impl == "kernel" and not (x.dtype == jnp.float32 and kernel_grouped.supported(kernel.shape, g)
                                  and kernels.available()):
