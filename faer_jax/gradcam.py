@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from faer_jax import inference
+from faer_jax.models import layers
 from faer_jax.models.faer import FAER
 
 LAYERS = ("cc_attention", "stage4")
@@ -55,7 +56,7 @@ def gradcam(model, params, images: jax.Array, targets: jax.Array, layer: str = "
 
   grads, logits = jax.grad(target_logit_sum, has_aux=True)(activations)
   weights = jnp.mean(grads, axis=(1, 2))                                   # (B, C)
-  cams = jax.nn.relu(jnp.einsum("bhwc,bc->bhw", activations, weights, precision=jax.lax.Precision.HIGHEST))
+  cams = jax.nn.relu(jnp.einsum("bhwc,bc->bhw", activations, weights, precision=layers.precision(activations.dtype)))
   return cams.astype(jnp.float32), logits
 
 
