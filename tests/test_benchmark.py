@@ -123,6 +123,33 @@ def test_train_cli_runs_both_frameworks(capsys):
     assert result["peak_flops_per_sec"] is None and result["jax_train_mfu"] is None
   # Which build of the C++ kernels ran (None where they are off).
   assert result["cpu_kernels"] == (kernels.load() if kernels.available() else None)
+  # JAX ran on the CPU, so PyTorch did too (--torch-device auto), and the result says so.
+  import torch
+  assert result["torch_device"] == "cpu" and result["torch_device_name"] is None
+  assert result["torch_version"] == torch.__version__
+
+
+def test_torch_runs_where_jax_runs(monkeypatch):
+  """--torch-device auto: the GPU only when JAX runs on one (or alone) and torch sees CUDA."""
+  import torch
+  from faer_jax.benchmark import train
+  for has_cuda, jax_platform, expected in [(True, "gpu", "cuda"), (True, "cpu", "cpu"), (True, "tpu", "cpu"),
+                                           (True, None, "cuda"), (False, "gpu", "cpu"), (False, None, "cpu")]:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda has_cuda=has_cuda: has_cuda)
+    assert train._torch_device("auto", jax_platform) == expected, (has_cuda, jax_platform)
+    assert train._torch_device("cpu", jax_platform) == "cpu"
+  monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+  assert train._torch_device("cuda", "cpu") == "cuda"  # asked for: a GPU torch beside a CPU JAX
+
+
+def test_train_cli_refuses_a_missing_cuda_before_compiling(capsys, monkeypatch):
+  import torch
+  monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+  assert benchmark.main(["train", "--variant", "test", "--batch-size", "2", "--image-size", "32",
+                         "--framework", "torch", "--torch-device", "cuda", "--steps", "1"]) == 2
+  captured = capsys.readouterr()
+  assert "error: --torch-device cuda: this torch sees no CUDA device" in captured.err
+  assert captured.out == ""
 
 
 def test_train_flops_count_the_kernels_work(capsys):

@@ -1,13 +1,15 @@
 """python -m faer_jax.benchmark {train,layers,gemm,input}: how fast FAER runs, in JAX and next to PyTorch.
 
   train  --variant tiny --batch-size 16 --image-size 224 [--steps 3] [--framework jax|torch|both]
-         [--dtype float32|bfloat16] [--threads 2] [--conv-impl auto] [--json]
+         [--dtype float32|bfloat16] [--threads 2] [--conv-impl auto]
+         [--torch-device auto|cpu|cuda] [--json]
          Times the compiled training step (forward, cross-entropy on random
          labels, gradients, AdamW update, state donated) and the eval forward of
          the Flax FAER; with `torch`/`both` also the PyTorch reference on the same
          shapes, interleaved with the JAX measurements so that machine noise hits
-         both. Prints images/s, the JAX/PyTorch ratio, XLA's FLOP count and the
-         achieved FLOP/s (and MFU where the chip's peak is known).
+         both; PyTorch on the device JAX runs on (auto). Prints images/s, the
+         JAX/PyTorch ratio, XLA's FLOP count and the achieved FLOP/s (and MFU
+         where the chip's peak is known).
   layers --variant tiny --batch-size 16 [--threads 1 --clock cpu]
          Each implementation of the model's grouped convolutions (the
          depthwise 7x7s, CC Attention's 7x7 with 4 groups), forward and

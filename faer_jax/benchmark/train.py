@@ -10,6 +10,13 @@ without gradients for the eval forward. Measurements alternate between the two
 frameworks, JAX train, torch train, JAX eval, torch eval, round after round, so
 that a slow spell of a shared machine lands on both; each figure is the median
 of `--steps` rounds after `--warmup` untimed ones.
+
+PyTorch runs where JAX does (`--torch-device auto`): on the GPU when JAX runs
+on one and torch sees a CUDA device, else on the CPU. On a GPU it runs with
+`cudnn.benchmark` (XLA autotunes its convolutions too) and, in float32, with
+TF32 off, as the Flax model's float32 products are (faer_jax.models.layers);
+with both frameworks on one GPU, JAX allocates on demand rather than taking
+most of the memory up front.
 """
 
 import argparse
@@ -45,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--framework", choices=("jax", "torch", "both"), default="jax")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                  help="Compute dtype (parameters stay float32; torch uses autocast).")
+  p.add_argument("--torch-device", choices=("auto", "cpu", "cuda"), default="auto",
+                 help="Where PyTorch runs; auto: the GPU when JAX runs on one (and torch sees CUDA), else the CPU.")
   p.add_argument("--threads", type=at_least(1), default=None, help="CPU threads for both (default: all allowed).")
   p.add_argument("--conv-impl", default="auto",
                  help="auto | xla | shift | kernel: the Flax model's conv implementations "
@@ -152,10 +161,26 @@ class _JaxBench:
     self._jax.block_until_ready(self.eval_forward(self.state[0], self.images))
 
 
-class _TorchBench:
-  """The PyTorch reference (faer_jax.interop.torch_reference) doing the same work."""
+class UsageError(ValueError):
+  """An option this machine cannot honour; `main` prints it and exits 2."""
 
-  def __init__(self, args: argparse.Namespace, num_threads: int):
+
+def _torch_device(requested: str, jax_platform: str | None) -> str:
+  """'cpu' or 'cuda' for `--torch-device requested`, JAX running on `jax_platform` (None: not at all)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  has_cuda = torch.cuda.is_available()
+  if requested == "cuda" and not has_cuda:
+    raise UsageError("--torch-device cuda: this torch sees no CUDA device "
+                     f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}).")
+  if requested == "auto":
+    return "cuda" if has_cuda and jax_platform in (None, "gpu") else "cpu"
+  return requested
+
+
+class _TorchBench:
+  """The PyTorch reference (faer_jax.interop.torch_reference) doing the same work on `device`."""
+
+  def __init__(self, args: argparse.Namespace, num_threads: int, device: str):
     import torch  # pylint: disable=g-import-not-at-top
     import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
 
@@ -163,17 +188,27 @@ class _TorchBench:
 
     torch.set_num_threads(num_threads)
     torch.manual_seed(0)
-    self._torch, self._F = torch, F
-    self.model = create_torch_model(args.variant, args.num_classes)
+    self._torch, self._F, self.device = torch, F, device
+    if device == "cuda":
+      torch.backends.cudnn.benchmark = True
+      tf32 = args.dtype != "float32"
+      torch.backends.cuda.matmul.allow_tf32 = tf32
+      torch.backends.cudnn.allow_tf32 = tf32
+    self.model = create_torch_model(args.variant, args.num_classes).to(device)
     self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=LR, betas=BETAS, eps=EPS,
                                        weight_decay=WEIGHT_DECAY)
     images, labels = _batch(args)
-    self.images, self.labels = torch.from_numpy(images), torch.from_numpy(labels).long()
+    self.images = torch.from_numpy(images).to(device)
+    self.labels = torch.from_numpy(labels).long().to(device)
     self.autocast = args.dtype == "bfloat16"
 
   def _forward(self):
-    with self._torch.autocast("cpu", dtype=self._torch.bfloat16, enabled=self.autocast):
+    with self._torch.autocast(self.device, dtype=self._torch.bfloat16, enabled=self.autocast):
       return self.model(self.images)[1]
+
+  def _sync(self) -> None:
+    if self.device == "cuda":  # kernels are queued: wait for them, as JAX's block_until_ready does
+      self._torch.cuda.synchronize()
 
   def train(self) -> None:
     self.model.train()
@@ -181,11 +216,13 @@ class _TorchBench:
     loss = self._F.cross_entropy(self._forward().float(), self.labels)
     loss.backward()
     self.optimizer.step()
+    self._sync()
 
   def eval(self) -> None:
     self.model.eval()
     with self._torch.no_grad():
       self._forward()
+    self._sync()
 
 
 def _batch(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
@@ -212,6 +249,15 @@ def _interleaved(benches: dict[str, object], phases: Sequence[str], warmup: int,
 def run(args: argparse.Namespace) -> dict:
   """Runs the benchmark and returns the figures (the keys of the --json output)."""
   applied = threads.limit_threads(args.threads)  # before jax and torch load
+  torch_device = None
+  if args.framework in ("torch", "both"):
+    jax_platform = None
+    if args.framework == "both":
+      # Should both run on one GPU, JAX must not take most of its memory when it starts.
+      os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+      import jax  # pylint: disable=g-import-not-at-top
+      jax_platform = jax.default_backend()
+    torch_device = _torch_device(args.torch_device, jax_platform)  # before minutes of compiling
   from faer_jax.benchmark.flops import cpu_peak_flops, peak_flops  # pylint: disable=g-import-not-at-top
 
   keeps_memory = args.malloc == "keep" and cpu_memory.keep_freed_memory()
@@ -220,7 +266,7 @@ def run(args: argparse.Namespace) -> dict:
   if args.framework in ("jax", "both"):
     benches["jax"] = _JaxBench(args)
   if args.framework in ("torch", "both"):
-    benches["torch"] = _TorchBench(args, applied["threads"])
+    benches["torch"] = _TorchBench(args, applied["threads"], torch_device)
   clock = time.process_time if args.clock == "cpu" else time.perf_counter
   load_before = os.getloadavg()[0]
   times = _interleaved(benches, phases, args.warmup, args.steps, clock)
@@ -232,6 +278,11 @@ def run(args: argparse.Namespace) -> dict:
       # Other jobs on the machine: the 1-minute load average before and after the timed rounds.
       "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
   }
+  if "torch" in benches:
+    import torch  # pylint: disable=g-import-not-at-top
+    torch_bench = benches["torch"]
+    result.update(torch_version=torch.__version__, torch_device=torch_bench.device,
+                  torch_device_name=(torch.cuda.get_device_name() if torch_bench.device == "cuda" else None))
   jax_bench = benches.get("jax")
   if jax_bench is not None:
     import jax  # pylint: disable=g-import-not-at-top
@@ -291,6 +342,9 @@ def _print_table(r: dict) -> None:
   if "device" in r:
     kernels = f", CPU kernels: {r['cpu_kernels']}" if r.get("cpu_kernels") else ""
     print(f"jax {r['jax_version']} on {r['platform']} ({r['device']}), conv_impl={r['conv_impl']}{kernels}")
+  if "torch_device" in r:
+    print(f"torch {r['torch_version']} on {r['torch_device']}"
+          + (f" ({r['torch_device_name']})" if r["torch_device_name"] else ""))
   phases = [p for p in ("train", "eval") if any(k.endswith(f"_{p}_seconds") for k in r)]
   print(f"{'':8s}" + "".join(f"{p + ' img/s':>14s}{p + ' s':>10s}" for p in phases))
   for fw in ("jax", "torch"):
@@ -313,7 +367,11 @@ def main(argv: Sequence[str]) -> int:
   if args.skip_train and args.skip_eval:
     print("--skip-train and --skip-eval leave nothing to time.", file=sys.stderr)
     return 2
-  result = run(args)
+  try:
+    result = run(args)
+  except UsageError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   if args.json:
     print(json.dumps(result))
   else:
