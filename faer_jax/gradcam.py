@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from faer_jax import inference
+from faer_jax import compile_cache, inference
 from faer_jax.models import layers
 from faer_jax.models.faer import FAER
 
@@ -117,6 +117,7 @@ def _target_index(target: str, class_names: Sequence[str]) -> int | None:
 
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
+  compile_cache.enable()
   try:
     loaded = inference.load_model(args.workdir, args.checkpoint,
                                   args.class_names.split(",") if args.class_names else None)

@@ -18,7 +18,7 @@ import sys
 
 import numpy as np
 
-from faer_jax import inference
+from faer_jax import compile_cache, inference
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,6 +78,7 @@ def _describe(loaded, path: str, probs: np.ndarray, top_k: int) -> dict:
 
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
+  compile_cache.enable()
   try:
     loaded = inference.load_model(args.workdir, args.checkpoint,
                                   args.class_names.split(",") if args.class_names else None)

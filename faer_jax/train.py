@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 from ml_collections import config_flags
 
-from faer_jax import checkpoint, config_lib, cpu_memory, evaluation, optim, sharding, steps
+from faer_jax import checkpoint, compile_cache, config_lib, cpu_memory, evaluation, optim, sharding, steps
 from faer_jax.data import DataError, create_source, pipeline
 from faer_jax.data.synth import ensure_synthetic_rafdb
 from faer_jax.interop import load_torch_checkpoint
@@ -44,8 +44,10 @@ def define_flags(config_help: str, workdir_help: str) -> None:
 
 
 def start_processes() -> None:
-  """Quiet logs, jax.distributed from the flags (or the cluster's environment); on CPU, keep freed memory."""
+  """Quiet logs, the compilation cache, jax.distributed from the flags (or the cluster's environment); on CPU,
+  keep freed memory."""
   quiet_logs()
+  compile_cache.enable()
   sharding.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   if jax.default_backend() == "cpu":
     # Each step's buffers are then reused instead of faulted in afresh (see cpu_memory).

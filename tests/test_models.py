@@ -147,6 +147,20 @@ def test_float32_products_ask_for_float32_precision(conv_impl):
       assert highest == all(t.endswith("xf32>") for t in operand_types), line
 
 
+def test_forward_mode_autodiff_with_xla_convs():
+  """conv_impl='xla' supports jax.jvp (the CPU kernels have reverse-mode rules only, as documented): its
+  directional derivative equals the inner product of the default model's gradient with the direction."""
+  images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  direction = jax.random.normal(jax.random.key(1), images.shape)
+  weights = jax.random.normal(jax.random.key(2), (2, 7))
+  variables = create_model("test", 7).init(jax.random.key(3), images)
+  score = lambda model: lambda x: jnp.sum(model.apply(variables, x, train=False)[1] * weights)
+  tangent = jax.jit(lambda x, v: jax.jvp(score(create_model("test", 7, conv_impl="xla")), (x,), (v,))[1])(
+      images, direction)
+  gradient = jax.jit(jax.grad(score(create_model("test", 7))))(images)
+  np.testing.assert_allclose(tangent, jnp.vdot(gradient, direction), rtol=1e-4)
+
+
 def test_unknown_variant_is_a_clear_error():
   with pytest.raises(ValueError, match="Unknown ConvNeXt variant 'huge'.*base"):
     create_model("huge", 7)

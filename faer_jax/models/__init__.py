@@ -31,6 +31,8 @@ def create_model(variant: str, num_classes: int, *, drop_path_rate: float = 0.0,
     conv_impl: 'auto' | 'xla' | 'shift' | 'kernel': the convolutions' implementation
       (layers.DepthwiseConv7x7, layers.GroupedConv): 'kernel' the C++ CPU kernels, 'shift' the
       pure-XLA CPU forms, 'xla' XLA's native convolutions, 'auto' the best for the backend.
+      The kernels ('auto' on CPU) have reverse-mode gradients only: forward-mode autodiff
+      (jax.jvp, jax.jacfwd) of the model on CPU needs 'xla'.
   """
   spec = get_variant(variant)
   return FAER(num_classes=num_classes, depths=spec.depths, dims=spec.dims, drop_path_rate=drop_path_rate,

@@ -1,0 +1,57 @@
+"""The command-line tools' persistent compilation cache (faer_jax.compile_cache), in fresh processes."""
+
+import json
+import os
+import subprocess
+import sys
+
+_PROGRAM = """
+import json
+from faer_jax import compile_cache
+where = compile_cache.enable()
+import jax, jax.numpy as jnp
+events = []
+jax.monitoring.register_event_listener(lambda name, **kw: events.append(name.rsplit("/", 1)[-1]))
+jax.jit(lambda x: jnp.sin(x) @ x.T).lower(jax.ShapeDtypeStruct((8, 8), jnp.float32)).compile()
+print(json.dumps({"where": where, "max_size": jax.config.jax_compilation_cache_max_size,
+                  "hits": events.count("cache_hits"), "misses": events.count("cache_misses")}))
+"""
+
+
+def _run(tmp_path, **env_vars):
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "FAER_JAX_COMPILATION"))}
+  # Every program is written, however quickly it compiled; HOME: where the default folder lands.
+  env.update(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", HOME=str(tmp_path / "home"), **env_vars)
+  out = subprocess.run([sys.executable, "-c", _PROGRAM], env=env, capture_output=True, text=True, check=True)
+  return json.loads(out.stdout.splitlines()[-1])
+
+
+def _entries(folder):
+  return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+
+def test_default_folder_under_home_capped(tmp_path):
+  folder = str(tmp_path / "home" / ".cache" / "faer_jax" / "jax")
+  assert _run(tmp_path) == {"where": folder, "max_size": 2 << 30, "hits": 0, "misses": 1}
+  assert any(name.startswith("jit_") for name in _entries(folder)), _entries(folder)
+  # The same program in the next process: read back.
+  assert _run(tmp_path) == {"where": folder, "max_size": 2 << 30, "hits": 1, "misses": 0}
+
+
+def test_folder_from_the_environment_and_off(tmp_path):
+  mine = str(tmp_path / "mine")
+  assert _run(tmp_path, FAER_JAX_COMPILATION_CACHE=mine)["where"] == mine
+  assert any(name.startswith("jit_") for name in _entries(mine))
+  for off in ("0", ""):
+    result = _run(tmp_path, FAER_JAX_COMPILATION_CACHE=off)
+    assert result["where"] is None and result["hits"] == result["misses"] == 0
+  assert not os.path.exists(tmp_path / "home" / ".cache")
+
+
+def test_jax_own_setting_wins(tmp_path):
+  theirs = str(tmp_path / "theirs")
+  result = _run(tmp_path, JAX_COMPILATION_CACHE_DIR=theirs, FAER_JAX_COMPILATION_CACHE=str(tmp_path / "mine"),
+                JAX_COMPILATION_CACHE_MAX_SIZE="-1")
+  assert result == {"where": theirs, "max_size": -1, "hits": 0, "misses": 1}
+  assert any(name.startswith("jit_") for name in _entries(theirs))
+  assert not os.path.exists(tmp_path / "mine")
