@@ -249,6 +249,10 @@ def _interleaved(benches: dict[str, object], phases: Sequence[str], warmup: int,
 def run(args: argparse.Namespace) -> dict:
   """Runs the benchmark and returns the figures (the keys of the --json output)."""
   applied = threads.limit_threads(args.threads)  # before jax and torch load
+  from faer_jax.benchmark.flops import cpu_peak_flops, peak_flops  # pylint: disable=g-import-not-at-top
+
+  keeps_memory = args.malloc == "keep" and cpu_memory.keep_freed_memory()
+  phases = [p for p, skip in (("train", args.skip_train), ("eval", args.skip_eval)) if not skip]
   torch_device = None
   if args.framework in ("torch", "both"):
     jax_platform = None
@@ -258,10 +262,6 @@ def run(args: argparse.Namespace) -> dict:
       import jax  # pylint: disable=g-import-not-at-top
       jax_platform = jax.default_backend()
     torch_device = _torch_device(args.torch_device, jax_platform)  # before minutes of compiling
-  from faer_jax.benchmark.flops import cpu_peak_flops, peak_flops  # pylint: disable=g-import-not-at-top
-
-  keeps_memory = args.malloc == "keep" and cpu_memory.keep_freed_memory()
-  phases = [p for p, skip in (("train", args.skip_train), ("eval", args.skip_eval)) if not skip]
   benches = {}
   if args.framework in ("jax", "both"):
     benches["jax"] = _JaxBench(args)
