@@ -1,7 +1,7 @@
 """The FAER network and its ConvNeXt backbone.
 
   model = create_model('base', num_classes=7)
-  variables = model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
+  variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
   features, logits = model.apply(variables, images, train=False)
 """
 
