@@ -6,13 +6,17 @@ parameter initialisation alone takes ~12 s to compile on two CPU cores, the
 training step tens of seconds to minutes on an accelerator. With the cache the
 compiled programs are read back from disk instead.
 
-  FAER_JAX_COMPILATION_CACHE   unset: ~/.cache/faer_jax/jax; a folder; 0 (or
-                               empty): no cache.
+  FAER_JAX_COMPILATION_CACHE   unset: ~/.cache/faer_jax/compiled; a folder; 0
+                               (or empty): no cache.
   JAX_COMPILATION_CACHE_DIR    set: JAX's own setting wins, as do all of JAX's
                                cache options (jax.config, JAX_* variables).
 
 The folder is capped at 2 GiB, least recently used entries going first
 (`jax_compilation_cache_max_size`; JAX_COMPILATION_CACHE_MAX_SIZE overrides).
+JAX's eviction needs the access-time file it writes beside each entry when
+capped; in a folder that an uncapped cache wrote to (the test suite's
+~/.cache/faer_jax/jax, say) every write would fail on the entries without one,
+so there the cap is left off.
 Programs that call the CPU kernels on several devices never hit (their cache
 key holds a per-process pointer, faer_jax.kernels.partition); the cap bounds
 what they write. Call `enable()` before the first compilation.
@@ -24,7 +28,7 @@ import os
 import jax
 
 ENV = "FAER_JAX_COMPILATION_CACHE"
-DEFAULT_DIR = os.path.join("~", ".cache", "faer_jax", "jax")
+DEFAULT_DIR = os.path.join("~", ".cache", "faer_jax", "compiled")
 DEFAULT_MAX_BYTES = 2 << 30
 
 
@@ -36,7 +40,17 @@ def enable() -> str | None:
   if path in ("", "0"):
     return None
   path = os.path.expanduser(path)
-  if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ and importlib.util.find_spec("filelock"):
-    jax.config.update("jax_compilation_cache_max_size", DEFAULT_MAX_BYTES)  # JAX's eviction locks with filelock
+  if ("JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ and importlib.util.find_spec("filelock")  # evictions lock
+      and not _has_uncapped_entries(path)):
+    jax.config.update("jax_compilation_cache_max_size", DEFAULT_MAX_BYTES)
   jax.config.update("jax_compilation_cache_dir", path)
   return path
+
+
+def _has_uncapped_entries(path: str) -> bool:
+  """Whether `path` holds an entry ('KEY-cache') without the 'KEY-atime' file a capped cache writes."""
+  try:
+    names = set(os.listdir(path))
+  except OSError:
+    return False
+  return any(n.endswith("-cache") and n[:-len("-cache")] + "-atime" not in names for n in names)

@@ -194,7 +194,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   eval_metrics: dict = {}
   pending = None
   progress = writer.progress(total=num_steps, initial=step)
-  last_time, last_step = time.perf_counter(), step
+  # img_s counts training only: the first call (it compiles), evaluations and
+  # checkpoint saves are left out of the window they fall in.
+  last_time, last_step, excluded = time.perf_counter(), step, 0.0
+  start_step = step
 
   def finish(pending_step_metrics):
     done_step, metrics = pending_step_metrics
@@ -208,8 +211,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   while step < num_steps:
     batch = sharding.make_global_batch(next(train_iter), mesh)
+    started = time.perf_counter()
     state, metrics = train_fn(state, batch)
     step += 1
+    if step == start_step + 1:  # the window starts once the first step, compilation included, is done
+      jax.block_until_ready(metrics)
+      last_time, last_step = time.perf_counter(), step
+      if is_main:
+        progress.write(f"first training step (compilation included) in {last_time - started:.1f} s")
     if pending is not None:
       finish(pending)
     pending = (step, metrics)
@@ -224,16 +233,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       pending = None
     if do_log:
       now = time.perf_counter()
-      throughput = (step - last_step) * config.batch_size / max(now - last_time, 1e-9)
-      last_time, last_step = now, step
+      speed = {}
+      if step > last_step:  # not a window holding only the first step
+        throughput = (step - last_step) * config.batch_size / max(now - last_time - excluded, 1e-9)
+        writer.write_throughput(step, throughput)
+        speed = {"img_s": f"{throughput:.1f}"}
+      last_time, last_step, excluded = now, step, 0.0
       averages = window.pop()
       writer.write_scalars(step, {f"train_{k}": v for k, v in averages.items()})
-      writer.write_throughput(step, throughput)
-      progress.set_postfix(loss=f"{averages['loss']:.4f}", acc=f"{averages['accuracy']:.3f}",
-                           img_s=f"{throughput:.1f}")
+      progress.set_postfix(loss=f"{averages['loss']:.4f}", acc=f"{averages['accuracy']:.3f}", **speed)
       skipped = pipeline.num_skipped_images(train_iter)
       if skipped:
         writer.write_scalars(step, {"skipped_images": skipped})
+    paused = time.perf_counter()
     if do_eval:
       eval_metrics = evaluation.evaluate(eval_fn, state["params"], state["centers"], eval_source, config, mesh)
       writer.write_scalars(step, {f"eval_{k}": v for k, v in eval_metrics.items()
@@ -244,6 +256,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       ckpt.save(step, state, train_iter,
                 metrics=evaluation.scalar_metrics(eval_metrics) if do_eval else None,
                 metadata={"epoch": step / steps_per_epoch, "train_window": window.to_json()}, force=True)
+    excluded += time.perf_counter() - paused
     progress.update(1)
     if preempted and not is_last:
       logging.warning("Pre-empted: saved step %d to %s; run the same command to resume.", step, ckpt.directory)

@@ -18,11 +18,11 @@ print(json.dumps({"where": where, "max_size": jax.config.jax_compilation_cache_m
 """
 
 
-def _run(tmp_path, **env_vars):
+def _run(tmp_path, program=_PROGRAM, **env_vars):
   env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "FAER_JAX_COMPILATION"))}
   # Every program is written, however quickly it compiled; HOME: where the default folder lands.
   env.update(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", HOME=str(tmp_path / "home"), **env_vars)
-  out = subprocess.run([sys.executable, "-c", _PROGRAM], env=env, capture_output=True, text=True, check=True)
+  out = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, check=True)
   return json.loads(out.stdout.splitlines()[-1])
 
 
@@ -31,7 +31,7 @@ def _entries(folder):
 
 
 def test_default_folder_under_home_capped(tmp_path):
-  folder = str(tmp_path / "home" / ".cache" / "faer_jax" / "jax")
+  folder = str(tmp_path / "home" / ".cache" / "faer_jax" / "compiled")
   assert _run(tmp_path) == {"where": folder, "max_size": 2 << 30, "hits": 0, "misses": 1}
   assert any(name.startswith("jit_") for name in _entries(folder)), _entries(folder)
   # The same program in the next process: read back.
@@ -55,3 +55,17 @@ def test_jax_own_setting_wins(tmp_path):
   assert result == {"where": theirs, "max_size": -1, "hits": 0, "misses": 1}
   assert any(name.startswith("jit_") for name in _entries(theirs))
   assert not os.path.exists(tmp_path / "mine")
+
+
+def test_a_folder_an_uncapped_cache_wrote_stays_uncapped_and_writable(tmp_path):
+  """JAX's eviction reads every entry's access-time file: capped, every write to such a folder would fail."""
+  shared = tmp_path / "shared"
+  env = {"JAX_COMPILATION_CACHE_DIR": str(shared)}
+  assert _run(tmp_path, **env)["misses"] == 1  # JAX's own, uncapped: entries without access times
+  shared_entries = _entries(shared)
+  assert shared_entries and not any(n.endswith("-atime") for n in shared_entries)
+  other = _PROGRAM.replace("jnp.sin(x) @ x.T", "jnp.cos(x) @ x.T")
+  for program, expected in ((other, {"hits": 0, "misses": 1}), (other, {"hits": 1, "misses": 0}),
+                            (_PROGRAM, {"hits": 1, "misses": 0})):
+    result = _run(tmp_path, program=program, FAER_JAX_COMPILATION_CACHE=str(shared))
+    assert result == {"where": str(shared), "max_size": -1, **expected}
