@@ -4,6 +4,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -94,11 +95,17 @@ def uninterrupted(synth_root, tmp_path_factory):
                                                                              cli_args(synth_root, workdir)))
 
 
-def test_demo_end_to_end_in_process(synth_root, tmp_path):
+def test_demo_end_to_end_in_process(synth_root, tmp_path, capsys):
   """8 simulated devices in this process; then evaluate (JSON keys, PNG) and resume-noop."""
   config = demo_config(synth_root)
   metrics = train.train_and_evaluate(config, str(tmp_path))
   assert metrics["num_examples"] == 20 and 0 <= metrics["accuracy"] <= 1
+  # The first step (it compiles) is timed apart, once; img_s is the training throughput of the steps after it.
+  lines = capsys.readouterr().err.splitlines()
+  assert sum(line.startswith("first training step (compilation included) in ") for line in lines) == 1
+  progress = [line for line in lines if re.match(r"step \d+/6 ", line)]
+  assert len(progress) == 6 and "img_s" not in progress[0]
+  assert all(float(re.search(r"img_s=([\d.]+)", line).group(1)) > 0 for line in progress[1:])
   logged = read_metrics(tmp_path)
   assert [m["step"] for m in logged if "train_loss" in m] == [1, 2, 3, 4, 5, 6]
   assert all(np.isfinite(m["train_loss"]) for m in logged if "train_loss" in m)
