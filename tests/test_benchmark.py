@@ -166,6 +166,19 @@ def test_train_flops_count_the_kernels_work(capsys):
   assert 3 * mlp < result["jax_train_flops"] < 3 * 3 * mlp  # forward + two products per product backward
 
 
+def test_flops_are_the_model_s_whatever_the_conv_impl(capsys):
+  """The count comes from the program as written: XLA's native convs ('xla', as on GPUs) count as the kernels'
+  pure-XLA stand-in does (XLA:CPU's compiled 'xla' training step counts 1.7x as many)."""
+  flops = {}
+  for impl in ("xla", "auto"):
+    assert benchmark.main(["train", "--variant", "test", "--batch-size", "2", "--image-size", "64", "--steps", "1",
+                           "--warmup", "0", "--conv-impl", impl, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    flops[impl] = result["jax_train_flops"], result["jax_eval_flops"]
+  for xla, kernels_stand_in in zip(flops["xla"], flops["auto"]):
+    assert xla == pytest.approx(kernels_stand_in, rel=0.1)
+
+
 def test_layers_cli_times_the_block_mlp_in_every_implementation(capsys):
   assert benchmark.main(["layers", "--variant", "test", "--batch-size", "2", "--image-size", "64",
                          "--steps", "1", "--only", "mlp", "--json"]) == 0
