@@ -175,8 +175,20 @@ def test_flops_are_the_model_s_whatever_the_conv_impl(capsys):
                            "--warmup", "0", "--conv-impl", impl, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     flops[impl] = result["jax_train_flops"], result["jax_eval_flops"]
+    assert result["flops_counted_in"] == "lowered program"
   for xla, kernels_stand_in in zip(flops["xla"], flops["auto"]):
     assert xla == pytest.approx(kernels_stand_in, rel=0.1)
+
+
+def test_flops_fall_back_to_the_compiled_program(capsys, monkeypatch):
+  """A backend that cannot analyse a lowered program still gets a FLOP count, and the result says whence."""
+  count = flops.xla_flops
+  monkeypatch.setattr(flops, "xla_flops", lambda stage: None if isinstance(stage, jax.stages.Lowered) else count(stage))
+  assert benchmark.main(["train", "--variant", "test", "--batch-size", "2", "--image-size", "32", "--steps", "1",
+                         "--warmup", "0", "--conv-impl", "xla", "--json"]) == 0
+  result = json.loads(capsys.readouterr().out)
+  assert result["flops_counted_in"] == "compiled program"
+  assert result["jax_train_flops"] > 0 and result["jax_eval_flops"] > 0
 
 
 def test_layers_cli_times_the_block_mlp_in_every_implementation(capsys):

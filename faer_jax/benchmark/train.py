@@ -154,6 +154,11 @@ class _JaxBench:
       counted_eval = jax.jit(reference_eval).lower(params, self.images)
     self.train_flops = xla_flops(counted_train)
     self.eval_flops = xla_flops(counted_eval)
+    self.flops_counted_in = "lowered program"
+    if self.train_flops is None and self.eval_flops is None:
+      # A backend whose cost analysis needs a compiled program: what it compiled, then.
+      self.train_flops, self.eval_flops = xla_flops(self.train_step), xla_flops(self.eval_forward)
+      self.flops_counted_in = "compiled program"
 
   def train(self) -> None:
     self.state, loss = self.train_step(self.state, self.images, self.labels)
@@ -295,7 +300,8 @@ def run(args: argparse.Namespace) -> dict:
                   platform=jax_bench.device.platform, conv_impl=args.conv_impl,
                   # Which build of the C++ kernels ran (avx512, avx2), or None.
                   cpu_kernels=kernels.load() if uses_kernels and kernels.available() else None,
-                  compiler_options=_compiler_options(args.compiler_option))
+                  compiler_options=_compiler_options(args.compiler_option),
+                  flops_counted_in=jax_bench.flops_counted_in)
     peak = peak_flops(jax_bench.device.device_kind, args.dtype)
     source = "datasheet" if peak else None
     if peak is None and jax_bench.device.platform == "cpu" and args.dtype == "float32":
