@@ -249,3 +249,23 @@ def test_gemm_cli_times_both_frameworks(capsys):
   result = json.loads(capsys.readouterr().out)
   assert result["gemm_flops"] > 0 and result["jax_gemm_seconds"] > 0 and result["torch_gemm_seconds"] > 0
   assert sum(g["count"] for g in result["gemms"]) >= 2 * 4  # at least the blocks' two pointwise convs
+
+
+def test_train_cli_times_your_copy_of_the_original(capsys, monkeypatch):
+  """--torch-model: the user's copy of the original code in place of the reference, checked to be the
+  variant's size before anything compiles."""
+  import os
+  from faer_jax.benchmark import train
+  original = os.path.join(os.path.dirname(__file__), "data", "original_faer", "faer_model.py")
+  common = ["train", "--variant", "test", "--batch-size", "2", "--image-size", "32", "--steps", "1",
+            "--warmup", "0", "--json"]
+  assert benchmark.main([*common, "--framework", "torch", "--torch-model", f"{original}:build"]) == 0
+  result = json.loads(capsys.readouterr().out)
+  assert result["torch_model"] == f"{original}:build"
+  assert result["torch_train_images_per_sec"] > 0 and result["torch_eval_images_per_sec"] > 0
+  # Another variant's size: refused, naming both counts, before the JAX step would compile.
+  monkeypatch.setattr(train, "_JaxBench", lambda args: pytest.fail("compiled before checking --torch-model"))
+  assert benchmark.main([*common, "--framework", "both", "--variant", "atto", "--torch-model",
+                         f"{original}:build"]) == 2
+  captured = capsys.readouterr()
+  assert captured.err.startswith("error: the --torch-model has 169,775 parameters; FAER 'atto'") and not captured.out

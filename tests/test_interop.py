@@ -1,5 +1,6 @@
 """PyTorch <-> Flax: numerical parity, every checkpoint layout, the load report, the CLI."""
 
+import json
 import os
 import pickle
 import re
@@ -20,7 +21,7 @@ from faer_jax.interop.torch_reference import create_torch_model
 from faer_jax.models import create_backbone, create_model
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
-TOL = 1e-4  # relative max difference, float32
+TOL = 5e-6  # relative max difference, float32 (a correct model: ~1e-6; see test_cli_check_catches_numerics_bugs)
 
 
 def _rel(a, b) -> float:
@@ -84,6 +85,45 @@ def test_tiny_parity_at_224(tiny_pair):
   tf, tl = _torch_out(torch_model, images)
   jf, jl = _flax_out(model, variables, images)
   assert _rel(jf, tf) < TOL and _rel(jl, tl) < TOL
+
+
+def _quiet_norm_inputs(model, scale=1e-3):
+  """Scales the layers feeding the stem's, the blocks' and CC Attention's LayerNorms, so that each
+  sees a variance near its epsilon: there the epsilon decides the output."""
+  with torch.no_grad():
+    layers = [model.downsample_layers[0][0], model.attention.depthwise]
+    layers += [block.dwconv for stage in model.stages for block in stage]
+    for layer in layers:
+      layer.weight.mul_(scale)
+      layer.bias.mul_(scale)
+  return model
+
+
+@pytest.mark.parametrize("eps_of", [None, "stem", "blocks", "attention"])
+def test_parity_where_the_epsilons_decide(eps_of):
+  """With random weights the norms see variances far above their epsilons, and a wrong epsilon moves the
+  outputs by under 1e-6 for CC Attention's. With their inputs scaled down the Flax model still matches
+  (5e-7 relative), and a PyTorch model with one epsilon changed does not: the stem's or the blocks' 1e-6
+  to torch's default 1e-5 (0.44, 1.9e-3), CC Attention's 1e-5 to the backbone's 1e-6 (9.5e-3)."""
+  torch_model = _quiet_norm_inputs(_perturbed_torch("test", 7, seed=5))
+  model = create_model("test", 7)
+  variables, _ = load_state_dict(_numpy_state(torch_model), init_variables(model), strict=True)
+  if eps_of == "stem":
+    torch_model.downsample_layers[0][1].eps = 1e-5
+  elif eps_of == "blocks":
+    for stage in torch_model.stages:
+      for block in stage:
+        block.norm.eps = 1e-5
+  elif eps_of == "attention":
+    torch_model.attention.norm.eps = 1e-6
+  images = _images(size=64, seed=2)
+  tf, tl = _torch_out(torch_model, images)
+  jf, jl = _flax_out(model, variables, images)
+  difference = max(_rel(jf, tf), _rel(jl, tl))
+  if eps_of is None:
+    assert difference < TOL
+  else:
+    assert difference > 10 * TOL, difference
 
 
 @pytest.mark.parametrize("variant", ["test", "atto"])
@@ -342,3 +382,61 @@ def test_cli_check(tmp_path, capsys):
   torch.save({"model": torch_model.state_dict()}, tmp_path / "m.pth")
   assert cli.main(["check", "--variant", "test", "--num-classes", "7", "--image-size", "64",
                    "--torch-checkpoint", str(tmp_path / "m.pth")]) == 0
+
+
+# --- Your copy of the original code (--torch-model) ------------------------------
+
+ORIGINAL_CODE = os.path.join(DATA, "original_faer", "faer_model.py")
+_TEST_SIZES = '{"depths": [1, 1, 2, 1], "dims": [16, 32, 48, 64], "num_classes": 7}'
+
+
+def _check(capsys, *extra):
+  code = cli.main(["check", "--variant", "test", "--num-classes", "7", "--image-size", "64", "--json", *extra])
+  captured = capsys.readouterr()
+  return code, (json.loads(captured.out) if captured.out else None), captured.err
+
+
+def test_cli_check_runs_your_copy_of_the_original(tmp_path, capsys):
+  code, result, _ = _check(capsys, "--torch-model", f"{ORIGINAL_CODE}:build")
+  assert code == 0 and result["ok"], result
+  assert result["torch_model"] == f"{ORIGINAL_CODE}:build"
+  assert result["features_max_rel_diff"] < TOL and result["logits_max_rel_diff"] < TOL
+  # A class with its arguments; logits only, in a dict: the features are not compared.
+  code, result, _ = _check(capsys, "--torch-model", f"{ORIGINAL_CODE}:LogitsOnly",
+                           "--torch-model-kwargs", _TEST_SIZES)
+  assert code == 0 and result["ok"] and result["features_max_rel_diff"] is None, result
+  # Its trained checkpoint, as the original's script saves it, read by both sides.
+  model = _perturbed_torch("test", 7, seed=3)
+  torch.save({"state_dict": {"module." + k: v for k, v in model.state_dict().items()}, "epoch": 3},
+             tmp_path / "best.pth")
+  code, result, _ = _check(capsys, "--torch-model", f"{ORIGINAL_CODE}:build", "--torch-checkpoint",
+                           str(tmp_path / "best.pth"))
+  assert code == 0 and result["ok"] and result["weights"] != "random weights, perturbed from initialisation"
+
+
+@pytest.mark.parametrize("bug", ["TanhGelu", "BlockNormEps", "HeadNormEps"])
+def test_cli_check_catches_numerics_bugs(capsys, bug):
+  """What a port gets wrong while accuracy looks fine: GELU's tanh approximation, torch's default LayerNorm
+  epsilon where ConvNeXt sets 1e-6. Each moves the outputs by 1e-5 to 3e-5 relative here (a faithful model: under
+  1e-6), and the check's default tolerance fails it (it passed them all at its former 1e-4)."""
+  code, result, _ = _check(capsys, "--torch-model", f"{ORIGINAL_CODE}:{bug}", "--torch-model-kwargs", _TEST_SIZES)
+  assert code == 1 and not result["ok"], result
+  assert max(result["features_max_rel_diff"], result["logits_max_rel_diff"]) > 2 * TOL, result
+
+
+@pytest.mark.parametrize("spec,kwargs,message", [
+    ("{dir}/missing.py:build", None, "missing.py is not a file"),
+    ("{file}:nothing", None, "has no 'nothing'"),
+    ("{file}", None, "expected FILE.py:NAME"),
+    ("{file}:not_a_model", None, "returned a str, not a torch.nn.Module"),
+    ("{file}:Original", None, "arguments go in --torch-model-kwargs"),
+    ("{file}:Original", "[1, 2]", "expected a JSON object"),
+    ("{file}:Original", "{depths: 1}", "not JSON"),
+    ("{file}:build", '{"num_classes": 8}', "has 169,840 parameters; FAER 'test' with 7 classes has 169,775"),
+    ("no_such_package.faer:FAER", None, "importing no_such_package.faer failed: ModuleNotFoundError"),
+])
+def test_cli_check_names_a_torch_model_it_cannot_use(capsys, spec, kwargs, message):
+  spec = spec.format(dir=os.path.dirname(ORIGINAL_CODE), file=ORIGINAL_CODE)
+  code, result, err = _check(capsys, "--torch-model", spec, *(["--torch-model-kwargs", kwargs] if kwargs else []))
+  assert code == 2 and result is None
+  assert message in err and err.startswith("error: "), err

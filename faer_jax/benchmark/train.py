@@ -54,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
                  help="Compute dtype (parameters stay float32; torch uses autocast).")
   p.add_argument("--torch-device", choices=("auto", "cpu", "cuda"), default="auto",
                  help="Where PyTorch runs; auto: the GPU when JAX runs on one (and torch sees CUDA), else the CPU.")
+  p.add_argument("--torch-model", metavar="FILE.py:NAME",
+                 help="Time your copy of the original PyTorch code instead of this repository's reference: "
+                      "FILE.py:NAME or package.module:NAME, NAME(**kwargs) returning the model "
+                      "(faer_jax.interop.external); it must have the --variant's parameter count.")
+  p.add_argument("--torch-model-kwargs", metavar="JSON", help='Its arguments, e.g. \'{"num_classes": 7}\'.')
   p.add_argument("--threads", type=at_least(1), default=None, help="CPU threads for both (default: all allowed).")
   p.add_argument("--conv-impl", default="auto",
                  help="auto | xla | shift | kernel: the Flax model's conv implementations "
@@ -186,13 +191,19 @@ def _torch_device(requested: str, jax_platform: str | None) -> str:
 
 
 class _TorchBench:
-  """The PyTorch reference (faer_jax.interop.torch_reference) doing the same work on `device`."""
+  """The PyTorch model doing the same work on `device`.
+
+  The reference (faer_jax.interop.torch_reference), or with --torch-model the
+  user's copy of the original code, checked to have the variant's size.
+  """
 
   def __init__(self, args: argparse.Namespace, num_threads: int, device: str):
     import torch  # pylint: disable=g-import-not-at-top
     import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
 
+    from faer_jax.interop import external  # pylint: disable=g-import-not-at-top
     from faer_jax.interop.torch_reference import create_torch_model  # pylint: disable=g-import-not-at-top
+    from faer_jax.models import get_variant  # pylint: disable=g-import-not-at-top
 
     torch.set_num_threads(num_threads)
     torch.manual_seed(0)
@@ -202,7 +213,17 @@ class _TorchBench:
       tf32 = args.dtype != "float32"
       torch.backends.cuda.matmul.allow_tf32 = tf32
       torch.backends.cudnn.allow_tf32 = tf32
-    self.model = create_torch_model(args.variant, args.num_classes).to(device)
+    if args.torch_model:
+      try:
+        model = external.load_torch_model(args.torch_model, external.parse_kwargs(args.torch_model_kwargs))
+        external.check_sizes(model, args.variant, args.num_classes)
+      except external.ExternalModelError as e:
+        raise UsageError(str(e)) from None
+      model = external.adapted(model, args.num_classes, get_variant(args.variant).dims[-1])
+    else:
+      model = create_torch_model(args.variant, args.num_classes)
+    self.name = args.torch_model or "faer_jax.interop.torch_reference"
+    self.model = model.to(device)
     self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=LR, betas=BETAS, eps=EPS,
                                        weight_decay=WEIGHT_DECAY)
     images, labels = _batch(args)
@@ -269,12 +290,14 @@ def run(args: argparse.Namespace) -> dict:
       os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
       import jax  # pylint: disable=g-import-not-at-top
       jax_platform = jax.default_backend()
-    torch_device = _torch_device(args.torch_device, jax_platform)  # before minutes of compiling
+    torch_device = _torch_device(args.torch_device, jax_platform)
+  # PyTorch's model first: a --torch-model that cannot be built fails before minutes of compiling.
+  torch_bench = _TorchBench(args, applied["threads"], torch_device) if torch_device else None
   benches = {}
   if args.framework in ("jax", "both"):
     benches["jax"] = _JaxBench(args)
-  if args.framework in ("torch", "both"):
-    benches["torch"] = _TorchBench(args, applied["threads"], torch_device)
+  if torch_bench is not None:
+    benches["torch"] = torch_bench
   clock = time.process_time if args.clock == "cpu" else time.perf_counter
   load_before = os.getloadavg()[0]
   times = _interleaved(benches, phases, args.warmup, args.steps, clock)
@@ -288,8 +311,7 @@ def run(args: argparse.Namespace) -> dict:
   }
   if "torch" in benches:
     import torch  # pylint: disable=g-import-not-at-top
-    torch_bench = benches["torch"]
-    result.update(torch_version=torch.__version__, torch_device=torch_bench.device,
+    result.update(torch_version=torch.__version__, torch_model=torch_bench.name, torch_device=torch_bench.device,
                   torch_device_name=(torch.cuda.get_device_name() if torch_bench.device == "cuda" else None))
   jax_bench = benches.get("jax")
   if jax_bench is not None:
@@ -353,7 +375,7 @@ def _print_table(r: dict) -> None:
     print(f"jax {r['jax_version']} on {r['platform']} ({r['device']}), conv_impl={r['conv_impl']}{kernels}")
   if "torch_device" in r:
     print(f"torch {r['torch_version']} on {r['torch_device']}"
-          + (f" ({r['torch_device_name']})" if r["torch_device_name"] else ""))
+          + (f" ({r['torch_device_name']})" if r["torch_device_name"] else "") + f": {r['torch_model']}")
   phases = [p for p in ("train", "eval") if any(k.endswith(f"_{p}_seconds") for k in r)]
   print(f"{'':8s}" + "".join(f"{p + ' img/s':>14s}{p + ' s':>10s}" for p in phases))
   for fw in ("jax", "torch"):

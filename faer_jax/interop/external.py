@@ -1,0 +1,152 @@
+"""Your copy of the original PyTorch code, in place of this repository's reference.
+
+`python -m faer_jax.interop check` and `python -m faer_jax.benchmark train` run
+`faer_jax.interop.torch_reference` by default: the original's module tree,
+written here. With `--torch-model SPEC` they run the code you have instead:
+
+  --torch-model ~/FAER/models/faer.py:FAER --torch-model-kwargs '{"num_classes": 7}'
+  --torch-model models.faer:build_faer          # a module on PYTHONPATH
+
+SPEC is `FILE.py:NAME` or `package.module:NAME`; `NAME(**kwargs)` must return a
+`torch.nn.Module` taking NCHW images. A file is imported as `python FILE.py`
+would see its imports (its folder first on `sys.path`); for a file inside a
+package that imports its siblings relatively, use the module form with the
+package's parent on PYTHONPATH. Its forward may return the logits alone or a
+tuple, list or dict holding them (and the pooled features, which `check` then
+compares too): they are told apart by shape, (batch, num_classes) and (batch,
+width of the last stage).
+"""
+
+import importlib
+import importlib.util
+import json
+import os
+import sys
+from typing import Any
+
+
+class ExternalModelError(ValueError):
+  """A --torch-model that cannot be imported, built or read; the message names it."""
+
+
+def parse_kwargs(text: str | None) -> dict[str, Any]:
+  """The keyword arguments of `--torch-model-kwargs`: a JSON object, or {} for None."""
+  if not text:
+    return {}
+  try:
+    value = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ExternalModelError(f"--torch-model-kwargs {text!r}: not JSON ({e}).") from None
+  if not isinstance(value, dict):
+    raise ExternalModelError(f"--torch-model-kwargs {text!r}: expected a JSON object, e.g. "
+                             '\'{"num_classes": 7}\'.')
+  return value
+
+
+def _import(spec: str):
+  target, sep, name = spec.rpartition(":")
+  if not sep or not target or not name:
+    raise ExternalModelError(f"--torch-model {spec!r}: expected FILE.py:NAME or package.module:NAME.")
+  if target.endswith(".py") or os.sep in target:
+    path = os.path.abspath(os.path.expanduser(target))
+    if not os.path.isfile(path):
+      raise ExternalModelError(f"--torch-model {spec!r}: {path} is not a file.")
+    folder = os.path.dirname(path)
+    if folder not in sys.path:
+      sys.path.insert(0, folder)  # its own imports resolve as under `python FILE.py`
+    module_name = "_faer_jax_torch_model_" + os.path.splitext(os.path.basename(path))[0]
+    where = path
+    try:
+      module_spec = importlib.util.spec_from_file_location(module_name, path)
+      module = importlib.util.module_from_spec(module_spec)
+      sys.modules[module_name] = module  # dataclasses and pickling look their module up
+      module_spec.loader.exec_module(module)
+    except Exception as e:  # pylint: disable=broad-except
+      sys.modules.pop(module_name, None)
+      raise ExternalModelError(f"--torch-model {spec!r}: importing {path} failed: {type(e).__name__}: {e}") from e
+  else:
+    where = target
+    try:
+      module = importlib.import_module(target)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ExternalModelError(f"--torch-model {spec!r}: importing {target} failed: {type(e).__name__}: {e}") from e
+  obj = module
+  for part in name.split("."):
+    if not hasattr(obj, part):
+      raise ExternalModelError(f"--torch-model {spec!r}: {where} has no {name!r}.")
+    obj = getattr(obj, part)
+  if not callable(obj):
+    raise ExternalModelError(f"--torch-model {spec!r}: {name} is not a class or function.")
+  return obj
+
+
+def load_torch_model(spec: str, kwargs: dict[str, Any] | None = None):
+  """`NAME(**kwargs)` from SPEC (see the module docstring), checked to be a torch.nn.Module."""
+  import torch  # pylint: disable=g-import-not-at-top
+  factory = _import(spec)
+  kwargs = kwargs or {}
+  try:
+    model = factory(**kwargs)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ExternalModelError(f"--torch-model {spec!r}: {spec.rpartition(':')[2]}(**{kwargs!r}) failed: "
+                             f"{type(e).__name__}: {e} (arguments go in --torch-model-kwargs).") from e
+  if not isinstance(model, torch.nn.Module):
+    raise ExternalModelError(f"--torch-model {spec!r}: returned a {type(model).__name__}, not a torch.nn.Module.")
+  return model
+
+
+def _tensors(outputs) -> list:
+  import torch  # pylint: disable=g-import-not-at-top
+  if isinstance(outputs, torch.Tensor):
+    return [outputs]
+  if isinstance(outputs, dict):
+    outputs = list(outputs.values())
+  if isinstance(outputs, (tuple, list)):
+    return [t for t in outputs if isinstance(t, torch.Tensor)]
+  return []
+
+
+def features_and_logits(outputs, batch_size: int, num_classes: int, feature_dim: int):
+  """(features or None, logits) among what a forward returned, told apart by shape."""
+  tensors = _tensors(outputs)
+  logits = [t for t in tensors if tuple(t.shape) == (batch_size, num_classes)]
+  features = [t for t in tensors if tuple(t.shape) == (batch_size, feature_dim)]
+  if len(logits) != 1 or len(features) > 1:
+    shapes = [tuple(t.shape) for t in tensors] if tensors else type(outputs).__name__
+    raise ExternalModelError(
+        f"the --torch-model's forward returned {shapes}: expected exactly one ({batch_size}, {num_classes}) "
+        f"tensor of logits, and at most one ({batch_size}, {feature_dim}) of features (check --variant and "
+        "--num-classes against the model's own).")
+  return (features[0] if features else None), logits[0]
+
+
+def adapted(model, num_classes: int, feature_dim: int):
+  """`model` wrapped so that its forward returns (features or None, logits), as the reference's does."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  class _Adapted(torch.nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.inner = model
+
+    def forward(self, x):
+      return features_and_logits(self.inner(x), x.shape[0], num_classes, feature_dim)
+
+  return _Adapted()
+
+
+def parameter_count(model) -> int:
+  return sum(p.numel() for p in model.parameters())
+
+
+def check_sizes(model, variant: str, num_classes: int) -> None:
+  """Raises ExternalModelError unless `model` has as many parameters as the reference of `variant`."""
+  from faer_jax.interop.torch_reference import create_torch_model  # pylint: disable=g-import-not-at-top
+  expected = parameter_count(create_torch_model(variant, num_classes))
+  found = parameter_count(model)
+  if found != expected:
+    raise ExternalModelError(
+        f"the --torch-model has {found:,} parameters; FAER {variant!r} with {num_classes} classes has "
+        f"{expected:,}: pass the model's --variant and --num-classes (or build it to match with "
+        "--torch-model-kwargs).")
