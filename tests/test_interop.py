@@ -374,9 +374,12 @@ def test_cli_import_export_round_trip(tmp_path, capsys):
 
 def test_cli_check(tmp_path, capsys):
   assert cli.main(["check", "--variant", "test", "--num-classes", "7", "--image-size", "64", "--json"]) == 0
-  import json
   result = json.loads(capsys.readouterr().out)
-  assert result["ok"] and result["logits_max_rel_diff"] < TOL
+  assert result["ok"] and result["logits_max_rel_diff"] < TOL and result["gradients_max_rel_diff"] < TOL
+  assert cli.main(["check", "--variant", "test", "--num-classes", "7", "--image-size", "64", "--json",
+                   "--no-gradients"]) == 0
+  result = json.loads(capsys.readouterr().out)
+  assert result["ok"] and "gradients_max_rel_diff" not in result
   # A checkpoint whose attention weights are scrambled still loads, and check reads it on both sides.
   torch_model = _perturbed_torch("test", 7, seed=8)
   torch.save({"model": torch_model.state_dict()}, tmp_path / "m.pth")
@@ -401,6 +404,8 @@ def test_cli_check_runs_your_copy_of_the_original(tmp_path, capsys):
   assert code == 0 and result["ok"], result
   assert result["torch_model"] == f"{ORIGINAL_CODE}:build"
   assert result["features_max_rel_diff"] < TOL and result["logits_max_rel_diff"] < TOL
+  # The training loss's gradient of every parameter, paired by the original's names.
+  assert result["gradients_compared"] == "75 of 75 tensors" and result["gradients_max_rel_diff"] < TOL
   # A class with its arguments; logits only, in a dict: the features are not compared.
   code, result, _ = _check(capsys, "--torch-model", f"{ORIGINAL_CODE}:LogitsOnly",
                            "--torch-model-kwargs", _TEST_SIZES)
@@ -422,6 +427,7 @@ def test_cli_check_catches_numerics_bugs(capsys, bug):
   code, result, _ = _check(capsys, "--torch-model", f"{ORIGINAL_CODE}:{bug}", "--torch-model-kwargs", _TEST_SIZES)
   assert code == 1 and not result["ok"], result
   assert max(result["features_max_rel_diff"], result["logits_max_rel_diff"]) > 2 * TOL, result
+  assert result["gradients_max_rel_diff"] > 1e-5, result  # 1.4e-5 to 3.0e-5 (a faithful model: 5.9e-7)
 
 
 @pytest.mark.parametrize("spec,kwargs,message", [

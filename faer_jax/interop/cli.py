@@ -9,7 +9,9 @@
           [--torch-model FILE.py:NAME [--torch-model-kwargs JSON]]
           Runs the PyTorch reference (or, with --torch-model, your copy of the
           original code) and the Flax model on one random batch and prints the
-          largest differences of features and logits; exits 1 above --tolerance.
+          largest differences of features, logits and (unless --no-gradients)
+          every parameter's gradient of the training loss; exits 1 above
+          --tolerance.
           Without a checkpoint, weights are drawn at random far from
           initialisation (with gamma = 1e-6 every block is near the identity,
           and agreement would prove little) and copied to the Flax model.
@@ -61,6 +63,11 @@ def _parser() -> argparse.ArgumentParser:
                       "FILE.py:NAME or package.module:NAME, NAME(**kwargs) returning the model "
                       "(faer_jax.interop.external).")
   p.add_argument("--torch-model-kwargs", metavar="JSON", help='Its arguments, e.g. \'{"num_classes": 7}\'.')
+  p.add_argument("--grad-tolerance", type=float, default=1e-5,
+                 help="The same for the parameter gradients (max over every tensor, relative to the largest "
+                      "PyTorch gradient; a faithful model: up to ~2.4e-6, base at batch 2).")
+  p.add_argument("--no-gradients", action="store_true",
+                 help="Compare the forward only (default: also every parameter's gradient of the training loss).")
   p.add_argument("--json", action="store_true", help="Print one JSON object.")
   return parser
 
@@ -144,17 +151,50 @@ def _load_torch_side(torch_model, state_dict: dict, checkpoint: str, require_all
   torch_model.load_state_dict(chosen, strict=False)
 
 
+def _gradient_diffs(flax_grads: dict, torch_model) -> dict:
+  """The parameter gradients of both sides compared, under the original's names.
+
+  One scale for all: the largest |difference| over every tensor, relative to
+  the largest |PyTorch gradient| (some gradients are exactly zero in exact
+  arithmetic, e.g. of biases that add a constant over the positions CC
+  Attention's softmax normalises over, and are rounding noise in both).
+  """
+  from faer_jax.interop import mapping  # pylint: disable=g-import-not-at-top
+  named = [(n, p.grad) for n, p in torch_model.named_parameters() if p.grad is not None]
+  timm = mapping.is_timm_layout(mapping.strip_wrappers(n) for n, _ in named)
+  pairs = []
+  for name, grad in named:
+    key = mapping.normalize_key(name, timm)
+    if key in flax_grads and flax_grads[key].shape == tuple(grad.shape):
+      pairs.append((key, flax_grads[key], grad.numpy()))
+  if not pairs:
+    return {"gradients_compared": f"0 of {len(flax_grads)} tensors (no names in common)",
+            "gradients_max_abs_diff": None, "gradients_max_rel_diff": None, "gradients_worst_tensor": None}
+  diffs = {key: float(np.max(np.abs(a - b))) for key, a, b in pairs}
+  worst = max(diffs, key=diffs.get)
+  scale = max(float(np.max(np.abs(b))) for _, _, b in pairs)
+  return {"gradients_compared": f"{len(pairs)} of {len(flax_grads)} tensors",
+          "gradients_max_abs_diff": diffs[worst], "gradients_max_rel_diff": diffs[worst] / max(scale, 1e-30),
+          "gradients_worst_tensor": worst}
+
+
 def check(variant: str, num_classes: int, torch_checkpoint: str | None = None, batch_size: int = 2,
           image_size: int = 224, seed: int = 0, torch_model: str | None = None,
-          torch_model_kwargs: dict | None = None) -> dict:
+          torch_model_kwargs: dict | None = None, gradients: bool = True) -> dict:
   """Runs both frameworks on one batch; returns the differences (Flax vs PyTorch).
 
+  Compared: the features and logits of the forward (eval mode), and with
+  `gradients` the gradients of every parameter of the training loss
+  (cross-entropy of the logits on random labels, averaged over the batch).
   The PyTorch side is `faer_jax.interop.torch_reference`, or with `torch_model`
   ('FILE.py:NAME' or 'package.module:NAME', see faer_jax.interop.external) your
   copy of the original code, built as NAME(**torch_model_kwargs).
   """
   import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
   from faer_jax.interop import external  # pylint: disable=g-import-not-at-top
   from faer_jax.interop.torch_reference import create_torch_model  # pylint: disable=g-import-not-at-top
   feature_dim = get_variant(variant).dims[-1]
@@ -178,23 +218,39 @@ def check(variant: str, num_classes: int, torch_checkpoint: str | None = None, b
     state_dict = {k: v.numpy() for k, v in inner.state_dict().items()}
     variables, _ = load_state_dict(state_dict, init_variables(model), strict=True)
     load_summary = "random weights, perturbed from initialisation"
-  images = np.random.default_rng(seed).standard_normal((batch_size, 3, image_size, image_size), np.float32)
-  with torch.no_grad():
+  rng = np.random.default_rng(seed)
+  images = rng.standard_normal((batch_size, 3, image_size, image_size), np.float32)
+  labels = rng.integers(0, num_classes, batch_size)
+  inner.zero_grad(set_to_none=True)
+  with torch.enable_grad():
     torch_features, torch_logits = external.features_and_logits(
         inner(torch.from_numpy(images)), batch_size, num_classes, feature_dim)
-  torch_logits = torch_logits.numpy()
+    if gradients:
+      torch_loss = F.cross_entropy(torch_logits.float(), torch.from_numpy(labels).long())
+      torch_loss.backward()
   # As users run it: the float32 model asks for float32 products itself
   # (models.layers.precision), so no precision context here to hide a layer
   # that forgot to on a GPU or TPU.
-  features, logits = jax.jit(model.apply)(variables, images.transpose(0, 2, 3, 1))
+  nhwc = images.transpose(0, 2, 3, 1)
+  features, logits = jax.jit(model.apply)(variables, nhwc)
   fa, fr = (None, None) if torch_features is None else _relative_max_diff(np.asarray(features),
-                                                                          torch_features.numpy())
-  la, lr = _relative_max_diff(np.asarray(logits), torch_logits)
-  return {"variant": variant, "num_classes": num_classes, "weights": load_summary,
-          "torch_model": torch_model or "faer_jax.interop.torch_reference",
-          "batch_size": batch_size, "image_size": image_size, "backend": jax.default_backend(),
-          "features_max_abs_diff": fa, "features_max_rel_diff": fr,
-          "logits_max_abs_diff": la, "logits_max_rel_diff": lr}
+                                                                          torch_features.detach().numpy())
+  la, lr = _relative_max_diff(np.asarray(logits), torch_logits.detach().numpy())
+  result = {"variant": variant, "num_classes": num_classes, "weights": load_summary,
+            "torch_model": torch_model or "faer_jax.interop.torch_reference",
+            "batch_size": batch_size, "image_size": image_size, "backend": jax.default_backend(),
+            "features_max_abs_diff": fa, "features_max_rel_diff": fr,
+            "logits_max_abs_diff": la, "logits_max_rel_diff": lr}
+  if gradients:
+
+    def loss_fn(params):
+      _, logits = model.apply({**variables, "params": params}, nhwc, train=False)
+      return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
+
+    loss, grads = jax.jit(jax.value_and_grad(loss_fn))(variables["params"])
+    result["loss_rel_diff"] = abs(float(loss) - torch_loss.item()) / max(abs(torch_loss.item()), 1e-30)
+    result.update(_gradient_diffs(to_torch_state_dict({"params": grads}), inner))
+  return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,10 +270,14 @@ def main(argv: list[str] | None = None) -> int:
       print(f"Wrote {args.out}: the original FAER state dict ({variant}, {num_classes} classes).")
     else:
       result = check(args.variant, args.num_classes, args.torch_checkpoint, args.batch_size, args.image_size,
-                     args.seed, args.torch_model, external.parse_kwargs(args.torch_model_kwargs))
-      # Features only where the PyTorch model returns them.
-      diffs = [d for d in (result["features_max_rel_diff"], result["logits_max_rel_diff"]) if d is not None]
-      ok = max(diffs) <= args.tolerance
+                     args.seed, args.torch_model, external.parse_kwargs(args.torch_model_kwargs),
+                     gradients=not args.no_gradients)
+      # Features only where the PyTorch model returns them; gradients unless --no-gradients.
+      outputs = [d for d in (result["features_max_rel_diff"], result["logits_max_rel_diff"]) if d is not None]
+      ok = max(outputs) <= args.tolerance
+      if result.get("gradients_max_rel_diff") is not None:
+        ok = ok and result["gradients_max_rel_diff"] <= args.grad_tolerance
+        result.update(grad_tolerance=args.grad_tolerance)
       result.update(tolerance=args.tolerance, ok=ok)
       if args.json:
         print(json.dumps(result))
