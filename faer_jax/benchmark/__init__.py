@@ -2,11 +2,12 @@
 
   train  --variant tiny --batch-size 16 --image-size 224 [--steps 3] [--framework jax|torch|both]
          [--dtype float32|bfloat16] [--threads 2] [--conv-impl auto]
-         [--torch-device auto|cpu|cuda] [--json]
+         [--torch-device auto|cpu|cuda] [--torch-model FILE.py:NAME] [--json]
          Times the compiled training step (forward, cross-entropy on random
          labels, gradients, AdamW update, state donated) and the eval forward of
-         the Flax FAER; with `torch`/`both` also the PyTorch reference on the same
-         shapes, interleaved with the JAX measurements so that machine noise hits
+         the Flax FAER; with `torch`/`both` also the PyTorch reference (or your
+         copy of the original code: --torch-model) on the same shapes,
+         interleaved with the JAX measurements so that machine noise hits
          both; PyTorch on the device JAX runs on (auto). Prints images/s, the
          JAX/PyTorch ratio, XLA's FLOP count and the achieved FLOP/s (and MFU
          where the chip's peak is known).
