@@ -269,3 +269,31 @@ def test_train_cli_times_your_copy_of_the_original(capsys, monkeypatch):
                          f"{original}:build"]) == 2
   captured = capsys.readouterr()
   assert captured.err.startswith("error: the --torch-model has 169,775 parameters; FAER 'atto'") and not captured.out
+
+
+def test_profile_groups_instructions_by_kernel_and_fusion_kind():
+  from faer_jax.benchmark import profile
+  hlo = """
+  %ynn_fusion.7 = f32[784,3072]{1,0} fusion(%a, %b), kind=kCustom, calls=%c, backend_config={"fusion_config":{"kind":"__ynn_fusion"}}
+  %multiply_add_fusion.2 = f32[16,7,7,768]{3,2,1,0} fusion(%x, %y), kind=kLoop, calls=%d
+  %ffi_call.3 = (f32[16,56,56,96]{3,2,1,0}, f32[96]{0}) custom-call(%x, %w), custom_call_target="faer_mlp_backward"
+  ROOT %dot.29 = f32[16,1]{1,0} dot(%p, %q), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+"""
+  assert profile.instruction_groups(hlo) == {
+      "ynn_fusion.7": ("ynn_fusion", "f32[784,3072]"),
+      "multiply_add_fusion.2": ("multiply_add_fusion", "f32[16,7,7,768]"),
+      "ffi_call.3": ("faer_mlp_backward", "f32[16,56,56,96]"),
+      "dot.29": ("dot", "f32[16,1]"),
+  }
+
+
+def test_profile_cli_accounts_for_the_step(capsys):
+  assert benchmark.main(["profile", "--variant", "test", "--batch-size", "2", "--image-size", "32", "--steps", "1",
+                         "--json"]) == 0
+  result = json.loads(capsys.readouterr().out)
+  groups = {row["group"] for row in result["rows"]}
+  assert result["rows"] and all(row["seconds"] > 0 and row["calls"] >= 1 for row in result["rows"])
+  # The operations ran within the call (the rest: dispatch and waits), and the kernels are among them.
+  assert 0 < result["operations_seconds"] <= result["seconds_per_call"] * 1.05
+  if kernels.available():
+    assert {"faer_dw7_norm_forward", "faer_dw7_norm_backward", "faer_patch_forward"} <= groups, groups

@@ -1,4 +1,4 @@
-"""python -m faer_jax.benchmark {train,layers,gemm,input}: how fast FAER runs, in JAX and next to PyTorch.
+"""python -m faer_jax.benchmark {train,profile,layers,gemm,input}: how fast FAER runs, in JAX and next to PyTorch.
 
   train  --variant tiny --batch-size 16 --image-size 224 [--steps 3] [--framework jax|torch|both]
          [--dtype float32|bfloat16] [--threads 2] [--conv-impl auto]
@@ -18,6 +18,9 @@
   gemm   --variant tiny --batch-size 16 [--phase eval|train] [--threads 2]
          The matrix products of the compiled step, each timed alone in JAX
          and in torch: the floor under the step's time in either framework.
+  profile --variant tiny --batch-size 16 [--phase train|eval] [--by-shape]
+         Where the compiled step's time goes (jax.profiler): per C++ kernel
+         and per kind of XLA operation, per call.
   input  ...   The input pipeline's throughput (faer_jax.data.input_benchmark).
 
 This module imports neither jax nor torch: `--threads` has to act before either
@@ -54,6 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   if argv and argv[0] == "gemm":
     from faer_jax.benchmark import gemm  # pylint: disable=g-import-not-at-top
     return gemm.main(argv[1:])
+  if argv and argv[0] == "profile":
+    from faer_jax.benchmark import profile  # pylint: disable=g-import-not-at-top
+    return profile.main(argv[1:])
   if argv and argv[0] == "layers":
     from faer_jax.benchmark import layers  # pylint: disable=g-import-not-at-top
     return layers.main(argv[1:])
