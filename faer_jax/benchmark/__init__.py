@@ -45,6 +45,15 @@ def at_least(minimum: int) -> Callable[[str], int]:
   return parse
 
 
+def add_shape_args(p: argparse.ArgumentParser, num_classes: bool = True) -> None:
+  """The options every subcommand shares: which model, on which batch."""
+  p.add_argument("--variant", default="tiny", help="ConvNeXt variant: test, atto, ..., tiny, base.")
+  p.add_argument("--batch-size", type=at_least(1), default=16)
+  p.add_argument("--image-size", type=at_least(32), default=224)
+  if num_classes:
+    p.add_argument("--num-classes", type=at_least(1), default=7)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   if argv and argv[0] == "input":

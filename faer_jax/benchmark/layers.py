@@ -21,7 +21,7 @@ import sys
 import time
 from typing import Sequence
 
-from faer_jax.benchmark import at_least, threads
+from faer_jax.benchmark import add_shape_args, at_least, threads
 
 # The implementations of each kind of convolution in faer_jax.models.layers.
 _IMPLS = {"depthwise": ("xla", "shift", "kernel"), "grouped": ("xla", "split", "kernel"), "mlp": ("xla", "kernel")}
@@ -30,9 +30,7 @@ _IMPLS = {"depthwise": ("xla", "shift", "kernel"), "grouped": ("xla", "split", "
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m faer_jax.benchmark layers", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--variant", default="tiny")
-  p.add_argument("--batch-size", type=at_least(1), default=16)
-  p.add_argument("--image-size", type=at_least(32), default=224)
+  add_shape_args(p, num_classes=False)
   p.add_argument("--steps", type=at_least(1), default=3, help="Rounds; the median is reported.")
   p.add_argument("--threads", type=at_least(1), default=None)
   p.add_argument("--clock", choices=("wall", "cpu"), default="wall")

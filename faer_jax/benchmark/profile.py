@@ -29,16 +29,13 @@ import tempfile
 import time
 from typing import Sequence
 
-from faer_jax.benchmark import at_least, threads
+from faer_jax.benchmark import add_shape_args, at_least, threads
 
 
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m faer_jax.benchmark profile", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--variant", default="tiny")
-  p.add_argument("--batch-size", type=at_least(1), default=16)
-  p.add_argument("--image-size", type=at_least(32), default=224)
-  p.add_argument("--num-classes", type=at_least(1), default=7)
+  add_shape_args(p)
   p.add_argument("--phase", choices=("train", "eval"), default="train")
   p.add_argument("--steps", type=at_least(1), default=2, help="Profiled calls; the figures are per call.")
   p.add_argument("--threads", type=at_least(1), default=None)

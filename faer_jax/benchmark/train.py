@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from faer_jax import cpu_memory
-from faer_jax.benchmark import at_least, threads
+from faer_jax.benchmark import add_shape_args, at_least, threads
 
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-3, (0.9, 0.999), 1e-8, 0.01
 # Between the two frameworks' measurements: lets the other one's worker threads
@@ -42,10 +42,7 @@ _SETTLE_S = 0.05
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m faer_jax.benchmark train",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--variant", default="tiny", help="ConvNeXt variant: test, atto, ..., tiny, base.")
-  p.add_argument("--batch-size", type=at_least(1), default=16)
-  p.add_argument("--image-size", type=at_least(32), default=224)
-  p.add_argument("--num-classes", type=at_least(1), default=7)
+  add_shape_args(p)
   p.add_argument("--steps", type=at_least(1), default=3, help="Timed rounds; the median is reported.")
   p.add_argument("--warmup", type=at_least(0), default=2,
                  help="Untimed rounds after compilation (the allocators settle over the first rounds).")
