@@ -13,6 +13,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from faer_jax import kernels
+from faer_jax.interop import init_variables
 from faer_jax.kernels import depthwise, grouped
 from faer_jax.models import create_model, layers
 from faer_jax.testing import assert_close, custom_calls
@@ -145,7 +146,7 @@ def test_sharded_batch_stays_local():
 def test_model_gradients_match_xla_impl():
   model = lambda impl: create_model("test", 7, conv_impl=impl)
   images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-  params = model("xla").init(jax.random.key(1), images)["params"]
+  params = init_variables(model("xla"), seed=1)["params"]
 
   def loss(impl):
     return jax.jit(jax.value_and_grad(lambda p: jnp.sum(model(impl).apply({"params": p}, images)[1] ** 2)))
@@ -361,7 +362,7 @@ def test_model_under_vmap_matches_xla():
   # Both sides compiled: with the XLA reference run op by op the test took 63.5 s on a 2-core Zen 1, now 26.6 s.
   kernel_model, xla_model = create_model("test", 7, conv_impl="kernel"), create_model("test", 7, conv_impl="xla")
   x = jax.random.normal(jax.random.key(1), (3, 2, 32, 32, 3))
-  params = kernel_model.init(jax.random.key(0), x[0])["params"]
+  params = init_variables(kernel_model)["params"]
   apply = lambda m, p, x: m.apply({"params": p}, x)[1]
 
   batches = lambda m: jax.vmap(lambda x: apply(m, params, x))(x)
