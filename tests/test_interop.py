@@ -384,7 +384,7 @@ def test_cli_check(tmp_path, capsys):
   torch_model = _perturbed_torch("test", 7, seed=8)
   torch.save({"model": torch_model.state_dict()}, tmp_path / "m.pth")
   assert cli.main(["check", "--variant", "test", "--num-classes", "7", "--image-size", "64",
-                   "--torch-checkpoint", str(tmp_path / "m.pth")]) == 0
+                   "--torch-checkpoint", str(tmp_path / "m.pth"), "--no-gradients"]) == 0
 
 
 # --- Your copy of the original code (--torch-model) ------------------------------
@@ -408,14 +408,14 @@ def test_cli_check_runs_your_copy_of_the_original(tmp_path, capsys):
   assert result["gradients_compared"] == "75 of 75 tensors" and result["gradients_max_rel_diff"] < TOL
   # A class with its arguments; logits only, in a dict: the features are not compared.
   code, result, _ = _check(capsys, "--torch-model", f"{ORIGINAL_CODE}:LogitsOnly",
-                           "--torch-model-kwargs", _TEST_SIZES)
+                           "--torch-model-kwargs", _TEST_SIZES, "--no-gradients")
   assert code == 0 and result["ok"] and result["features_max_rel_diff"] is None, result
   # Its trained checkpoint, as the original's script saves it, read by both sides.
   model = _perturbed_torch("test", 7, seed=3)
   torch.save({"state_dict": {"module." + k: v for k, v in model.state_dict().items()}, "epoch": 3},
              tmp_path / "best.pth")
   code, result, _ = _check(capsys, "--torch-model", f"{ORIGINAL_CODE}:build", "--torch-checkpoint",
-                           str(tmp_path / "best.pth"))
+                           str(tmp_path / "best.pth"), "--no-gradients")
   assert code == 0 and result["ok"] and result["weights"] != "random weights, perturbed from initialisation"
 
 

@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> dict:
   bench_args = argparse.Namespace(variant=args.variant, batch_size=args.batch_size, image_size=args.image_size,
                                   num_classes=args.num_classes, dtype=args.dtype, conv_impl=args.conv_impl,
                                   compiler_option=[])
-  bench = _JaxBench(bench_args)
+  bench = _JaxBench(bench_args, phases=(args.phase,), count_flops=False)
   call = bench.train if args.phase == "train" else bench.eval
   compiled = bench.train_step if args.phase == "train" else bench.eval_forward
   for _ in range(2):

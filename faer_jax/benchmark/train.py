@@ -114,14 +114,18 @@ def _steps(model, tx):
 
 
 class _JaxBench:
-  """The compiled Flax train step and eval forward on one device, with their FLOP counts."""
+  """The compiled Flax train step and eval forward on one device, with their FLOP counts.
 
-  def __init__(self, args: argparse.Namespace):
+  `phases` picks which of the two to compile; `count_flops=False` skips the count
+  (`benchmark profile` needs neither the other phase nor the count).
+  """
+
+  def __init__(self, args: argparse.Namespace, phases: Sequence[str] = ("train", "eval"),
+               count_flops: bool = True):
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     import optax  # pylint: disable=g-import-not-at-top
 
-    from faer_jax.benchmark.flops import xla_flops  # pylint: disable=g-import-not-at-top
     from faer_jax.models import create_model  # pylint: disable=g-import-not-at-top
 
     self._jax = jax
@@ -141,10 +145,23 @@ class _JaxBench:
     # backend (a compiled program counts what its backend made of it: XLA:CPU's
     # training step of the 'test' variant with --conv-impl xla, 1.7x as many)...
     options = _compiler_options(args.compiler_option)
-    counted_train = jax.jit(train_step, donate_argnums=0).lower(self.state, self.images, self.labels)
-    counted_eval = jax.jit(eval_forward).lower(params, self.images)
-    self.train_step = counted_train.compile(compiler_options=options)
-    self.eval_forward = counted_eval.compile(compiler_options=options)
+    counted_train = counted_eval = None
+    if "train" in phases:
+      counted_train = jax.jit(train_step, donate_argnums=0).lower(self.state, self.images, self.labels)
+      self.train_step = counted_train.compile(compiler_options=options)
+    if "eval" in phases:
+      counted_eval = jax.jit(eval_forward).lower(params, self.images)
+      self.eval_forward = counted_eval.compile(compiler_options=options)
+    self.train_flops = self.eval_flops = None
+    self.flops_counted_in = None
+    if count_flops:
+      self._count_flops(args, dtype, model, tx, params, counted_train, counted_eval)
+
+  def _count_flops(self, args, dtype, model, tx, params, counted_train, counted_eval) -> None:
+    import jax  # pylint: disable=g-import-not-at-top
+
+    from faer_jax.benchmark.flops import xla_flops  # pylint: disable=g-import-not-at-top
+    from faer_jax.models import create_model  # pylint: disable=g-import-not-at-top
     if jax.default_backend() == "cpu" and model.conv_impl in ("auto", "kernel"):
       # ...except where it runs the C++ kernels, whose calls XLA counts as zero
       # FLOPs: then the same step built from the pure-XLA layers ('shift': the
@@ -152,14 +169,17 @@ class _JaxBench:
       # per group, the MLP as matmuls), lowered, which computes the same function.
       reference_train, reference_eval = _steps(create_model(args.variant, args.num_classes, dtype=dtype,
                                                             conv_impl="shift"), tx)
-      counted_train = jax.jit(reference_train).lower(self.state, self.images, self.labels)
-      counted_eval = jax.jit(reference_eval).lower(params, self.images)
-    self.train_flops = xla_flops(counted_train)
-    self.eval_flops = xla_flops(counted_eval)
+      if counted_train is not None:
+        counted_train = jax.jit(reference_train).lower(self.state, self.images, self.labels)
+      if counted_eval is not None:
+        counted_eval = jax.jit(reference_eval).lower(params, self.images)
+    count = lambda program: None if program is None else xla_flops(program)
+    self.train_flops, self.eval_flops = count(counted_train), count(counted_eval)
     self.flops_counted_in = "lowered program"
     if self.train_flops is None and self.eval_flops is None:
       # A backend whose cost analysis needs a compiled program: what it compiled, then.
-      self.train_flops, self.eval_flops = xla_flops(self.train_step), xla_flops(self.eval_forward)
+      self.train_flops = count(getattr(self, "train_step", None))
+      self.eval_flops = count(getattr(self, "eval_forward", None))
       self.flops_counted_in = "compiled program"
 
   def train(self) -> None:
