@@ -140,10 +140,9 @@ def _load_torch_side(torch_model, state_dict: dict, checkpoint: str, require_all
   timm = mapping.is_timm_layout(mapping.strip_wrappers(k) for k in state_dict)
   candidates = []
   for rename in (mapping.strip_wrappers, lambda k: mapping.normalize_key(k, timm)):
-    renamed = {rename(k): v for k, v in state_dict.items()}
-    candidates.append({n: torch.from_numpy(np.array(v)) for n, v in renamed.items()
-                       if n in own and tuple(own[n].shape) == tuple(np.shape(v))})
-  chosen = max(candidates, key=len)
+    renamed = ((rename(k), v) for k, v in state_dict.items())
+    candidates.append({n: v for n, v in renamed if n in own and tuple(own[n].shape) == tuple(np.shape(v))})
+  chosen = {n: torch.from_numpy(np.array(v)) for n, v in max(candidates, key=len).items()}  # one copy
   missing = sorted(set(own) - set(chosen))
   if require_all and missing:
     raise CheckpointError(f"{checkpoint}: {len(missing)} of the --torch-model's {len(own)} tensors are not in it "
@@ -222,7 +221,7 @@ def check(variant: str, num_classes: int, torch_checkpoint: str | None = None, b
   images = rng.standard_normal((batch_size, 3, image_size, image_size), np.float32)
   labels = rng.integers(0, num_classes, batch_size)
   inner.zero_grad(set_to_none=True)
-  with torch.enable_grad():
+  with torch.set_grad_enabled(gradients):  # no autograd graph for a forward-only check
     torch_features, torch_logits = external.features_and_logits(
         inner(torch.from_numpy(images)), batch_size, num_classes, feature_dim)
     if gradients:
