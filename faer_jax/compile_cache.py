@@ -17,9 +17,13 @@ JAX's eviction needs the access-time file it writes beside each entry when
 capped; in a folder that an uncapped cache wrote to (the test suite's
 ~/.cache/faer_jax/jax, say) every write would fail on the entries without one,
 so there the cap is left off.
-Programs that call the CPU kernels on several devices never hit (their cache
-key holds a per-process pointer, faer_jax.kernels.partition); the cap bounds
-what they write. Call `enable()` before the first compilation.
+Programs that call the CPU kernels on several devices (a multi-device CPU
+mesh, processes joined by jax.distributed) hit too: custom_partitioning's
+per-process callback address is left out of their keys
+(`jax_remove_custom_partitioning_ptr_from_cache_key`), which is safe for this
+project's programs because each kernel call carries what its callbacks build
+into the program (faer_jax.kernels.partition). Call `enable()` before the first
+compilation, in a process that runs this project's programs.
 """
 
 import importlib.util
@@ -35,16 +39,23 @@ DEFAULT_MAX_BYTES = 2 << 30
 def enable() -> str | None:
   """Turns the cache on as the environment says; returns its folder, or None when it is off."""
   if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    _keys_without_callback_addresses()
     return os.environ["JAX_COMPILATION_CACHE_DIR"]  # JAX reads it, and its other options, itself
   path = os.environ.get(ENV, DEFAULT_DIR)
   if path in ("", "0"):
     return None
+  _keys_without_callback_addresses()
   path = os.path.expanduser(path)
   if ("JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ and importlib.util.find_spec("filelock")  # evictions lock
       and not _has_uncapped_entries(path)):
     jax.config.update("jax_compilation_cache_max_size", DEFAULT_MAX_BYTES)
   jax.config.update("jax_compilation_cache_dir", path)
   return path
+
+
+def _keys_without_callback_addresses() -> None:
+  """Leaves custom_partitioning's callback address out of cache keys (see the module docstring)."""
+  jax.config.update("jax_remove_custom_partitioning_ptr_from_cache_key", True)
 
 
 def _has_uncapped_entries(path: str) -> bool:

@@ -69,3 +69,48 @@ def test_a_folder_an_uncapped_cache_wrote_stays_uncapped_and_writable(tmp_path):
                             (_PROGRAM, {"hits": 1, "misses": 0})):
     result = _run(tmp_path, program=program, FAER_JAX_COMPILATION_CACHE=str(shared))
     assert result == {"where": str(shared), "max_size": -1, **expected}
+
+
+_SHARDED_KERNEL_PROGRAM = """
+import json, sys
+import numpy as np
+from faer_jax import compile_cache, kernels
+compile_cache.enable()
+import jax, jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from faer_jax.kernels import mlp
+kernels.load()
+keep = float(sys.argv[1])
+rng = np.random.default_rng(0)
+c = 16
+x, w1, b1, w2, b2, gamma = (rng.standard_normal(s, np.float32)
+                            for s in ((4, 3, 3, c), (c, 4 * c), (4 * c,), (4 * c, c), (c,), (c,)))
+mask = np.array([1, 0, 1, 1], np.float32)
+mesh = Mesh(np.array(jax.devices()), ("data",))
+sharded = jax.device_put(x, NamedSharding(mesh, P("data")))
+call = jax.jit(lambda x: mlp.mlp_residual(x, w1, b1, w2, b2, gamma, x, jnp.asarray(mask), keep=keep))
+lowered = call.lower(sharded)
+assert "CustomSPMDPartitioning" in lowered.as_text()  # partitioned by the kernels' callbacks
+events = []
+jax.monitoring.register_event_listener(lambda name, **kw: events.append(name.rsplit("/", 1)[-1]))
+compiled = lowered.compile()
+counts = {"hits": events.count("cache_hits"), "misses": events.count("cache_misses")}
+got = np.asarray(compiled(sharded))
+hidden = jax.nn.gelu(x @ w1 + b1, approximate=False)
+want = x + (gamma * (np.asarray(hidden) @ w2 + b2)) * mask[:, None, None, None] / keep
+print(json.dumps({**counts, "max_error": float(np.max(np.abs(got - want)))}))
+"""
+
+
+def test_programs_with_kernels_on_several_devices_are_read_back(tmp_path, cpu_kernels):
+  """The kernels' custom_partitioning callbacks put a per-process address in the program: left out of
+  the key, with what the callbacks build (here the drop-path `keep`) carried in the program instead."""
+  folder = str(tmp_path / "cache")
+  run = lambda keep: _run(tmp_path, _SHARDED_KERNEL_PROGRAM.replace("float(sys.argv[1])", keep),
+                          FAER_JAX_COMPILATION_CACHE=folder, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  first = run("0.75")
+  assert (first["hits"], first["misses"]) == (0, 1) and first["max_error"] < 1e-4, first
+  again = run("0.75")  # a new process: the callbacks have other addresses
+  assert (again["hits"], again["misses"]) == (1, 0) and again["max_error"] < 1e-4, again
+  other = run("0.5")  # the same program but for a static argument of the kernel: its own entry
+  assert (other["hits"], other["misses"]) == (0, 1) and other["max_error"] < 1e-4, other
