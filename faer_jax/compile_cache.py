@@ -17,12 +17,13 @@ JAX's eviction needs the access-time file it writes beside each entry when
 capped; in a folder that an uncapped cache wrote to (the test suite's
 ~/.cache/faer_jax/jax, say) every write would fail on the entries without one,
 so there the cap is left off.
-Programs that call the CPU kernels on several devices (a multi-device CPU
-mesh, processes joined by jax.distributed) hit too: custom_partitioning's
-per-process callback address is left out of their keys
+Programs that call the CPU kernels on several devices of one process hit too:
+custom_partitioning's per-process callback address is left out of their keys
 (`jax_remove_custom_partitioning_ptr_from_cache_key`), which is safe for this
 project's programs because each kernel call carries what its callbacks build
-into the program (faer_jax.kernels.partition). Call `enable()` before the first
+into the program (faer_jax.kernels.partition). (In a multi-process run only
+process 0 gains: JAX writes entries from process 0 alone, and on the CPU each
+process's programs have keys of their own.) Call `enable()` before the first
 compilation, in a process that runs this project's programs.
 """
 
