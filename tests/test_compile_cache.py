@@ -72,7 +72,7 @@ def test_a_folder_an_uncapped_cache_wrote_stays_uncapped_and_writable(tmp_path):
 
 
 _SHARDED_KERNEL_PROGRAM = """
-import json, sys
+import json
 import numpy as np
 from faer_jax import compile_cache, kernels
 compile_cache.enable()
@@ -80,7 +80,7 @@ import jax, jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from faer_jax.kernels import mlp
 kernels.load()
-keep = float(sys.argv[1])
+keep = KEEP
 rng = np.random.default_rng(0)
 c = 16
 x, w1, b1, w2, b2, gamma = (rng.standard_normal(s, np.float32)
@@ -106,7 +106,7 @@ def test_programs_with_kernels_on_several_devices_are_read_back(tmp_path, cpu_ke
   """The kernels' custom_partitioning callbacks put a per-process address in the program: left out of
   the key, with what the callbacks build (here the drop-path `keep`) carried in the program instead."""
   folder = str(tmp_path / "cache")
-  run = lambda keep: _run(tmp_path, _SHARDED_KERNEL_PROGRAM.replace("float(sys.argv[1])", keep),
+  run = lambda keep: _run(tmp_path, _SHARDED_KERNEL_PROGRAM.replace("KEEP", keep),
                           FAER_JAX_COMPILATION_CACHE=folder, XLA_FLAGS="--xla_force_host_platform_device_count=2")
   first = run("0.75")
   assert (first["hits"], first["misses"]) == (0, 1) and first["max_error"] < 1e-4, first
