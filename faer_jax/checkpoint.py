@@ -188,7 +188,7 @@ class CheckpointManager:
     return self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
 
   def restore(self, step: int | str, abstract_state: PyTree,
-              data_iterator: DataIterator | None = None) -> Restored:
+              data_iterator: DataIterator | None = None, *, partial: bool = False) -> Restored:
     """Restores a step onto the shardings of `abstract_state`.
 
     The target shardings may differ from the ones the step was saved with (a
@@ -202,6 +202,9 @@ class CheckpointManager:
       data_iterator: a fresh grain iterator over the same pipeline, moved in
         place to the saved position; None skips it (evaluation, or a different
         process count: grain's iterator state is per process).
+      partial: read only the entries of the saved state that `abstract_state`
+        names (evaluation reads the parameters, not the optimizer state);
+        otherwise the two trees must match.
 
     Returns:
       The step, the restored state and the saved metadata.
@@ -218,7 +221,8 @@ class CheckpointManager:
     if resolved is None or resolved not in self._manager.all_steps():
       raise FileNotFoundError(f"No checkpoint {step!r} in {self.directory} (steps: {self.all_steps()}).")
     target = jax.tree.map(_abstract, abstract_state)
-    items = {"state": ocp.args.PyTreeRestore(target, ocp.checkpoint_utils.construct_restore_args(target)),
+    items = {"state": ocp.args.PyTreeRestore(target, ocp.checkpoint_utils.construct_restore_args(target),
+                                             partial_restore=partial),
              "meta": ocp.args.JsonRestore()}
     if data_iterator is not None:
       items["data_iterator"] = grain.checkpoint.CheckpointRestore(data_iterator)

@@ -7,7 +7,6 @@ metrics as JSON into the workdir; `--json` prints one JSON object on stdout.
 Without --config, the run's saved config (workdir/config.json) is used.
 """
 
-import functools
 import json
 import os
 import sys
@@ -15,7 +14,7 @@ import sys
 from absl import app, flags
 import jax
 
-from faer_jax import checkpoint, config_lib, evaluation, optim, plots, sharding, steps, train
+from faer_jax import checkpoint, config_lib, evaluation, plots, sharding, steps, train
 from faer_jax.data import DataError
 
 FLAGS = flags.FLAGS
@@ -31,33 +30,33 @@ def load_run_config(workdir: str, config=None):
   return config_lib.load(path)
 
 
-def restore_params(config, workdir: str, which: str, mesh):
-  """(step, params, centers) of checkpoint `which` ('latest', 'best' or a step) of the run in `workdir`."""
-  model = train.create_train_model(config)
-  # The optimizer only shapes opt_state here; its schedule is irrelevant.
-  tx, _ = optim.create_optimizer(config.optimizer, steps_per_epoch=1)
-  abstract, _ = train.abstract_train_state(config, model, tx)
-  shardings = sharding.state_shardings(abstract, mesh, fsdp=config.fsdp > 1)
-  target, _ = train.abstract_train_state(config, model, tx, shardings)
+def restore_eval_variables(config, workdir: str, which: str, mesh):
+  """Checkpoint `which` ('latest', 'best' or a step) of the run in `workdir`, as evaluation needs it.
+
+  Returns:
+    (step, variables, programs): `variables` is `steps.eval_variables` of the
+    saved state (params, and centers where the run has them), read without the
+    optimizer state; `programs` are the config's on `mesh` (`train.build_programs`).
+  """
+  # The schedule (steps per epoch) plays no part in what is restored.
+  programs = train.build_programs(config, mesh, steps_per_epoch=1)
+  target = steps.eval_variables(programs.abstract_state)
   manager = checkpoint.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"))
   try:
-    restored = manager.restore(which, target)
+    restored = manager.restore(which, target, partial=True)
   finally:
     manager.close()
-  return restored.step, restored.state["params"], restored.state["centers"], model, shardings
+  return restored.step, restored.state, programs
 
 
 def evaluate_checkpoint(config, workdir: str, which: str = "latest") -> dict:
   """Metrics of one checkpoint on the config's evaluation split; also writes its PNG and JSON."""
   config_lib.validate(config)
   mesh = sharding.create_mesh(config.fsdp)
-  step, params, centers, model, shardings = restore_params(config, workdir, which, mesh)
+  step, variables, programs = restore_eval_variables(config, workdir, which, mesh)
   source = train.create_data_source(config, config.data.eval_split)
-  eval_fn = jax.jit(functools.partial(steps.eval_step, model=model, config=config),
-                    in_shardings=(shardings["params"], shardings["centers"], sharding.batch_sharding(mesh)),
-                    out_shardings=sharding.replicated(mesh))
   metrics = {"step": step, "split": config.data.eval_split,
-             **evaluation.evaluate(eval_fn, params, centers, source, config, mesh)}
+             **evaluation.evaluate(programs.eval_step, variables, source, config, mesh)}
   if jax.process_index() == 0:
     title = f"{config.data.dataset} {config.data.eval_split}, step {step}: accuracy {100 * metrics['accuracy']:.2f} %"
     if config.task == "fer":

@@ -10,12 +10,12 @@ from faer_jax import sharding
 from faer_jax.data import pipeline
 
 
-def evaluate(eval_fn: Callable, params, centers, source, config: ml_collections.ConfigDict, mesh) -> dict:
-  """Metrics of `params` on every example of `source` (each exactly once, over all processes).
+def evaluate(eval_fn: Callable, variables, source, config: ml_collections.ConfigDict, mesh) -> dict:
+  """Metrics of the model on every example of `source` (each exactly once, over all processes).
 
   Args:
-    eval_fn: the jitted `steps.eval_step` (params, centers, global batch) -> sums.
-    params, centers: from the train state.
+    eval_fn: the jitted `steps.eval_step` (variables, global batch) -> sums.
+    variables: `steps.eval_variables` of the train state.
     source: the evaluation split.
     config: the experiment config.
     mesh: the device mesh; every process calls this together.
@@ -27,7 +27,7 @@ def evaluate(eval_fn: Callable, params, centers, source, config: ml_collections.
   totals = None
   for batch in iterator:
     batch = sharding.make_global_batch({k: batch[k] for k in ("image", "label", "mask")}, mesh)
-    sums = eval_fn(params, centers, batch)
+    sums = eval_fn(variables, batch)
     totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
   return summarize(jax.device_get(totals), config, source.class_names)
 

@@ -58,14 +58,14 @@ def _from_training_run(workdir: str, checkpoint: str) -> LoadedModel:
   from faer_jax import config_lib, evaluate, sharding  # pylint: disable=g-import-not-at-top
   config = config_lib.load(os.path.join(workdir, "config.json"))
   mesh = sharding.create_mesh(1)
-  step, params, _, model, _ = evaluate.restore_params(config, workdir, checkpoint, mesh)
+  step, variables, programs = evaluate.restore_eval_variables(config, workdir, checkpoint, mesh)
   classes_path = os.path.join(workdir, "classes.json")
   if os.path.exists(classes_path):
     with open(classes_path) as f:
       names = tuple(json.load(f)["class_names"])
   else:
     names = _default_names(config.num_classes)[1]
-  return LoadedModel(model, params, config.task, names, config.image_size, config.data.aspect, step)
+  return LoadedModel(programs.model, variables["params"], config.task, names, config.image_size, config.data.aspect, step)
 
 
 def _from_import(workdir: str) -> LoadedModel:

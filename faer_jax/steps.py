@@ -5,10 +5,14 @@ The train state is a plain dict, so Orbax saves it and sharding rules map over i
   step       int32 scalar: updates done
   params     the FAER parameters (float32)
   opt_state  the optax state
-  centers    [num_classes, dim] center-loss centers (FER), moved by Wen et al.'s
-             rule, not by the optimizer; [0, dim] when the task has no center loss
+  centers    [num_classes, dim] center-loss centers, moved by Wen et al.'s rule,
+             not by the optimizer; present only when the objective has a center
+             loss (FER with loss.center_loss_weight > 0)
   rng        the run's base key; the step's dropout key is fold_in(rng, step), so
              a resumed run draws exactly the masks an uninterrupted one would
+
+Evaluation reads only `eval_variables(state)`: the parameters, and the centers
+where there are any (the evaluation loss includes the center loss).
 """
 
 from typing import Any
@@ -36,18 +40,18 @@ def create_train_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTrans
   init_rng, run_rng = jax.random.split(rng)
   # Parameter shapes do not depend on the image size: initialise on a small one.
   params = model.init(init_rng, jnp.zeros((1, 32, 32, 3), jnp.float32))["params"]
-  dim = model.dims[-1]
-  num_centers = config.num_classes if uses_center_loss(config) else 0
-  return {
-      "step": jnp.zeros((), jnp.int32),
-      "params": params,
-      "opt_state": tx.init(params),
-      "centers": jnp.zeros((num_centers, dim), jnp.float32),
-      "rng": run_rng,
-  }
+  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params), "rng": run_rng}
+  if uses_center_loss(config):
+    state["centers"] = jnp.zeros((config.num_classes, model.dims[-1]), jnp.float32)
+  return state
 
 
-def _objective(config: ml_collections.ConfigDict, features, logits, labels, centers, mask=None):
+def eval_variables(state: State) -> State:
+  """What evaluation reads of a train state (or of its shardings, or its abstract shapes): params and centers."""
+  return {key: state[key] for key in ("params", "centers") if key in state}
+
+
+def _objective(config: ml_collections.ConfigDict, features, logits, labels, centers=None, mask=None):
   """(loss to minimise, dict of its parts). Losses are computed in float32."""
   if config.task == "fer":
     ce = losses.softmax_cross_entropy(logits, labels, label_smoothing=config.loss.label_smoothing, mask=mask)
@@ -78,7 +82,7 @@ def train_step(state: State, batch: Batch, *, model: nn.Module, tx: optax.Gradie
   def loss_fn(params):
     features, logits = model.apply({"params": params}, batch["image"], train=True,
                                    rngs={"dropout": dropout_rng})
-    loss, parts = _objective(config, features, logits, batch["label"], state["centers"])
+    loss, parts = _objective(config, features, logits, batch["label"], state.get("centers"))
     return loss, (features, logits, parts)
 
   (loss, (features, logits, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
@@ -93,17 +97,23 @@ def train_step(state: State, batch: Batch, *, model: nn.Module, tx: optax.Gradie
   return new_state, metrics
 
 
-def eval_step(params, centers: jax.Array, batch: Batch, *, model: nn.Module,
-              config: ml_collections.ConfigDict) -> Metrics:
+def eval_step(variables: State, batch: Batch, *, model: nn.Module, config: ml_collections.ConfigDict) -> Metrics:
   """Sums over the real (mask=True) examples of one batch, to be added up over batches.
 
-  FER: count, loss_sum, correct, confusion[true, predicted].
-  FAE: count, loss_sum, attribute_correct[40].
+  Args:
+    variables: `eval_variables(state)`.
+    batch: a global batch with 'image', 'label' and 'mask' (False on padding).
+    model: the FAER module.
+    config: the experiment config.
+
+  Returns:
+    FER: count, loss_sum, correct, confusion[true, predicted].
+    FAE: count, loss_sum, attribute_correct[num_attributes].
   """
-  features, logits = model.apply({"params": params}, batch["image"], train=False)
+  features, logits = model.apply({"params": variables["params"]}, batch["image"], train=False)
   mask = batch["mask"].astype(jnp.float32)
   count = jnp.sum(mask)
-  loss, _ = _objective(config, features, logits, batch["label"], centers, mask=mask)
+  loss, _ = _objective(config, features, logits, batch["label"], variables.get("centers"), mask=mask)
   correct = _correct(config, logits, batch["label"])
   out = {"count": count, "loss_sum": loss * count}
   if config.task == "fer":

@@ -9,19 +9,22 @@ Multi-host: pass --coordinator_address, --num_processes and --process_id to
 every process (or nothing, on clusters JAX detects by itself).
 """
 
+import dataclasses
 import functools
 import json
 import os
 import signal
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 from absl import app, flags, logging
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from ml_collections import config_flags
 
 from faer_jax import checkpoint, compile_cache, config_lib, cpu_memory, evaluation, optim, sharding, steps
@@ -83,14 +86,65 @@ def create_data_source(config: ml_collections.ConfigDict, split: str):
   return source
 
 
-def abstract_train_state(config, model, tx, state_sharding=None):
-  """The state's shapes (and shardings, when given), without allocating it."""
-  init_fn = functools.partial(steps.create_train_state, model=model, tx=tx, config=config)
-  abstract = jax.eval_shape(init_fn, jax.random.key(config.seed))
-  if state_sharding is None:
-    return abstract, init_fn
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
-                      state_sharding), init_fn
+@dataclasses.dataclass(frozen=True)
+class Programs:
+  """A config's model, optimizer and step functions on one mesh: what `train` runs, `evaluate` restores into.
+
+  The steps are jitted with their shardings but not compiled: the first call
+  compiles them, or `.lower(...)` with `abstract_batch` does it ahead of time.
+
+  Attributes:
+    model: the FAER module.
+    tx: the optax optimizer; schedule: its learning rate by step.
+    abstract_state: the train state's `jax.ShapeDtypeStruct`s, with shardings.
+    init: rng -> a fresh train state, created where its shardings say.
+    train_step: (state, batch) -> (state, metrics), the state donated.
+    eval_step: (steps.eval_variables(state), batch) -> sums to add up over batches.
+  """
+
+  model: nn.Module
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  abstract_state: Any
+  init: Callable
+  train_step: Callable
+  eval_step: Callable
+
+  @property
+  def state_sharding(self):
+    return jax.tree.map(lambda a: a.sharding, self.abstract_state)
+
+
+def build_programs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, steps_per_epoch: int) -> Programs:
+  """The model, the state's shapes and shardings, and the jitted steps of `config` over `mesh`."""
+  model = create_train_model(config)
+  tx, schedule = optim.create_optimizer(config.optimizer, steps_per_epoch)
+  init = functools.partial(steps.create_train_state, model=model, tx=tx, config=config)
+  shapes = jax.eval_shape(init, jax.random.key(config.seed))
+  state_sharding = sharding.state_shardings(shapes, mesh, fsdp=config.fsdp > 1)
+  abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
+                                state_sharding)
+  batch, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  train_step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, config=config, schedule=schedule),
+                       in_shardings=(state_sharding, batch), out_shardings=(state_sharding, replicated),
+                       donate_argnums=0)
+  eval_step = jax.jit(functools.partial(steps.eval_step, model=model, config=config),
+                      in_shardings=(steps.eval_variables(state_sharding), batch), out_shardings=replicated)
+  return Programs(model, tx, schedule, abstract_state, jax.jit(init, out_shardings=state_sharding), train_step,
+                  eval_step)
+
+
+def abstract_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, batch_size: int,
+                   train: bool = True) -> dict[str, jax.ShapeDtypeStruct]:
+  """The shapes of a global batch as the pipeline yields it (`train=False` adds the eval mask)."""
+  sharded = sharding.batch_sharding(mesh)
+  label_shape = (batch_size,) if config.task == "fer" else (batch_size, config.num_classes)
+  batch = {"image": jax.ShapeDtypeStruct((batch_size, config.image_size, config.image_size, 3), jnp.float32,
+                                         sharding=sharded),
+           "label": jax.ShapeDtypeStruct(label_shape, jnp.int32, sharding=sharded)}
+  if not train:
+    batch["mask"] = jax.ShapeDtypeStruct((batch_size,), jnp.bool_, sharding=sharded)
+  return batch
 
 
 def _load_pretrained(path: str, model, params, params_sharding):
@@ -132,7 +186,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # Mesh.
   mesh = sharding.create_mesh(config.fsdp)
-  batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
   local_batch_size = sharding.local_batch_size(config.batch_size, mesh)
 
   # Data: host-local numpy from grain, this process's share only.
@@ -153,19 +206,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       random_flip=config.data.random_flip, balanced=config.data.balanced, aspect=config.data.aspect,
       skip_bad_images=config.data.skip_bad_images)
 
-  # Model and state, built abstractly and then created where the shardings say.
-  model = create_train_model(config)
-  tx, schedule = optim.create_optimizer(config.optimizer, steps_per_epoch)
-  abstract_state, init_fn = abstract_train_state(config, model, tx)
-  state_sharding = sharding.state_shardings(abstract_state, mesh, fsdp=config.fsdp > 1)
-
-  # Compiled steps: one train step over the mesh with the state donated.
-  train_fn = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, config=config, schedule=schedule),
-                     in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated),
-                     donate_argnums=0)
-  eval_fn = jax.jit(functools.partial(steps.eval_step, model=model, config=config),
-                    in_shardings=(state_sharding["params"], state_sharding["centers"], batch_sharding),
-                    out_shardings=replicated)
+  # Model, state shapes and shardings, and the steps: one train step over the
+  # mesh with the state donated.
+  programs = build_programs(config, mesh, steps_per_epoch)
 
   # Restore, or start afresh.
   ckpt = checkpoint.CheckpointManager(os.path.join(workdir, "checkpoints"),
@@ -173,16 +216,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                       save_interval_steps=1)
   window = TrainWindow()
   if ckpt.latest_step() is not None:
-    target, _ = abstract_train_state(config, model, tx, state_sharding)
-    restored = ckpt.restore("latest", target, data_iterator=train_iter)
+    restored = ckpt.restore("latest", programs.abstract_state, data_iterator=train_iter)
     state = restored.state
     window = TrainWindow.from_json(restored.metadata.get("train_window"))
     logging.warning("Resumed from step %d in %s", restored.step, ckpt.directory)
   else:
-    state = jax.jit(init_fn, out_shardings=state_sharding)(jax.random.key(config.seed))
+    state = programs.init(jax.random.key(config.seed))
     if config.model.pretrained:
-      state["params"] = _load_pretrained(config.model.pretrained, model, state["params"],
-                                         state_sharding["params"])
+      state["params"] = _load_pretrained(config.model.pretrained, programs.model, state["params"],
+                                         programs.state_sharding["params"])
   step = int(state["step"])
   writer = MetricWriter(workdir, enabled=is_main, truncate_after=step)
   if step == 0:
@@ -212,7 +254,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   while step < num_steps:
     batch = sharding.make_global_batch(next(train_iter), mesh)
     started = time.perf_counter()
-    state, metrics = train_fn(state, batch)
+    state, metrics = programs.train_step(state, batch)
     step += 1
     if step == start_step + 1:  # the window starts once the first step, compilation included, is done
       jax.block_until_ready(metrics)
@@ -247,7 +289,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         writer.write_scalars(step, {"skipped_images": skipped})
     paused = time.perf_counter()
     if do_eval:
-      eval_metrics = evaluation.evaluate(eval_fn, state["params"], state["centers"], eval_source, config, mesh)
+      eval_metrics = evaluation.evaluate(programs.eval_step, steps.eval_variables(state), eval_source, config,
+                                         mesh)
       writer.write_scalars(step, {f"eval_{k}": v for k, v in eval_metrics.items()
                                   if k not in ("class_names", "attribute_names", "confusion_matrix")})
       if is_main:

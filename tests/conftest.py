@@ -41,6 +41,25 @@ def cpu_kernels() -> str:
   return kernels.load()
 
 
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def load_config(name: str, arg: str | None = None, **overrides):
+  """configs/NAME's `get_config(arg)`, with `overrides` ('optimizer.lr': 1e-3, ...) set."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(f"config_{name.removesuffix('.py')}", REPO / "configs" / name)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg)
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
 def shared_dir(tmp_path_factory, name: str, make: Callable[[pathlib.Path], object]) -> pathlib.Path:
   """A directory that `make(path)` fills once per test session, shared by pytest-xdist's workers.
 

@@ -1,6 +1,5 @@
 """End-to-end training: the demo config shrunk to a few steps, resume, SIGTERM, devices, processes."""
 
-import importlib.util
 import io
 import json
 import os
@@ -18,7 +17,7 @@ import pytest
 from faer_jax import evaluate, metric_writer, steps, train
 from faer_jax.data.synth import ensure_synthetic_rafdb
 
-from conftest import shared_dir
+from conftest import load_config, shared_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "configs", "demo.py")
@@ -37,17 +36,7 @@ def synth_root(tmp_path_factory):
 
 
 def demo_config(synth_root, **overrides):
-  spec = importlib.util.spec_from_file_location("demo_config", DEMO)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  for key, value in {**SHRINK, "data.root": synth_root, **overrides}.items():
-    *parents, leaf = key.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return load_config("demo.py", **{**SHRINK, "data.root": synth_root, **overrides})
 
 
 def cli_args(synth_root, workdir, **overrides):
@@ -75,8 +64,8 @@ def read_metrics(workdir):
 def final_params(workdir, synth_root):
   config = demo_config(synth_root)
   mesh = jax.make_mesh((1, 1), ("data", "fsdp"), devices=jax.devices()[:1])
-  step, params, centers, _, _ = evaluate.restore_params(config, str(workdir), "latest", mesh)
-  return step, jax.device_get(params), jax.device_get(centers)
+  step, variables, _ = evaluate.restore_eval_variables(config, str(workdir), "latest", mesh)
+  return step, jax.device_get(variables["params"]), jax.device_get(variables["centers"])
 
 
 def assert_same_run(workdir_a, workdir_b, synth_root):
