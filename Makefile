@@ -1,12 +1,14 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   create .venv if needed, then run the main job on the synthetic demo
 #   make test   create .venv (with the test extra) if needed, then run the tests
+# and, for day-to-day work:
+#   make test-fast   the suite without its end-to-end training runs (tests marked slow)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/demo
 
-.PHONY: demo test clean-venv
+.PHONY: demo test test-fast clean-venv
 
 $(VENV)/.installed-base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +26,9 @@ demo: $(VENV)/.installed-base
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q -n 2 tests
+
+test-fast: $(VENV)/.installed-test
+	$(PY) -m pytest -q -n 2 -m "not slow" tests
 
 clean-venv:
 	rm -rf $(VENV)

@@ -16,6 +16,9 @@ from typing import Callable
 
 import pytest
 
+# The suite runs on the CPU (and its eight simulated devices) on any machine, one with a GPU or TPU too:
+# JAX would otherwise pick the accelerator, where the simulated devices do not exist.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _DEVICE_FLAG = "--xla_force_host_platform_device_count=8"
 if _DEVICE_FLAG not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICE_FLAG}".strip()
@@ -25,6 +28,12 @@ if _DEVICE_FLAG not in os.environ.get("XLA_FLAGS", ""):
 # test workers, the subprocesses they start, and later runs.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "faer_jax", "jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+
+@pytest.fixture(scope="session")
+def torch():
+  """PyTorch, for the tests that compare with it or run it; they skip where it is not installed."""
+  return pytest.importorskip("torch")
 
 
 @pytest.fixture(scope="module")

@@ -106,7 +106,8 @@ def test_gelu_equals_exact_gelu():
 
 # --- The CLI ---------------------------------------------------------------------
 
-def test_train_cli_runs_both_frameworks(capsys):
+@pytest.mark.slow
+def test_train_cli_runs_both_frameworks(capsys, torch):
   assert benchmark.main(["train", "--variant", "test", "--batch-size", "2", "--image-size", "32",
                          "--framework", "both", "--steps", "1", "--json"]) == 0
   result = json.loads(capsys.readouterr().out)
@@ -124,14 +125,12 @@ def test_train_cli_runs_both_frameworks(capsys):
   # Which build of the C++ kernels ran (None where they are off).
   assert result["cpu_kernels"] == (kernels.load() if kernels.available() else None)
   # JAX ran on the CPU, so PyTorch did too (--torch-device auto), and the result says so.
-  import torch
   assert result["torch_device"] == "cpu" and result["torch_device_name"] is None
   assert result["torch_version"] == torch.__version__
 
 
-def test_torch_runs_where_jax_runs(monkeypatch):
+def test_torch_runs_where_jax_runs(monkeypatch, torch):
   """--torch-device auto: the GPU only when JAX runs on one (or alone) and torch sees CUDA."""
-  import torch
   from faer_jax.benchmark import train
   for has_cuda, jax_platform, expected in [(True, "gpu", "cuda"), (True, "cpu", "cpu"), (True, "tpu", "cpu"),
                                            (True, None, "cuda"), (False, "gpu", "cpu"), (False, None, "cpu")]:
@@ -142,8 +141,7 @@ def test_torch_runs_where_jax_runs(monkeypatch):
   assert train._torch_device("cuda", "cpu") == "cuda"  # asked for: a GPU torch beside a CPU JAX
 
 
-def test_train_cli_refuses_a_missing_cuda_before_compiling(capsys, monkeypatch):
-  import torch
+def test_train_cli_refuses_a_missing_cuda_before_compiling(capsys, monkeypatch, torch):
   monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
   assert benchmark.main(["train", "--variant", "test", "--batch-size", "2", "--image-size", "32",
                          "--framework", "torch", "--torch-device", "cuda", "--steps", "1"]) == 2
@@ -152,6 +150,7 @@ def test_train_cli_refuses_a_missing_cuda_before_compiling(capsys, monkeypatch):
   assert captured.out == ""
 
 
+@pytest.mark.slow
 def test_train_flops_count_the_kernels_work(capsys):
   """XLA counts a C++ kernel call as zero FLOPs: the reported FLOPs must still hold every block's MLP. And the
   count comes from the program as written: XLA's native convs ('xla', as on GPUs) count as the kernels'
@@ -174,6 +173,7 @@ def test_train_flops_count_the_kernels_work(capsys):
     assert results["xla"][f"jax_{phase}_flops"] == pytest.approx(result[f"jax_{phase}_flops"], rel=0.1)
 
 
+@pytest.mark.slow
 def test_flops_fall_back_to_the_compiled_program(capsys, monkeypatch):
   """A backend that cannot analyse a lowered program still gets a FLOP count, and the result says whence."""
   count = flops.xla_flops
@@ -185,7 +185,8 @@ def test_flops_fall_back_to_the_compiled_program(capsys, monkeypatch):
   assert result["jax_train_flops"] > 0 and result["jax_eval_flops"] > 0
 
 
-def test_layers_cli_times_the_block_mlp_in_every_implementation(capsys):
+@pytest.mark.slow
+def test_layers_cli_times_the_block_mlp_in_every_implementation(capsys, torch):
   assert benchmark.main(["layers", "--variant", "test", "--batch-size", "2", "--image-size", "64",
                          "--steps", "1", "--only", "mlp", "--json"]) == 0
   rows = json.loads(capsys.readouterr().out)
@@ -243,7 +244,8 @@ def test_cli_rejects_bad_sizes_naming_the_option(capsys, command, option, value,
   assert f"argument {option}: {message}" in capsys.readouterr().err
 
 
-def test_gemm_cli_times_both_frameworks(capsys):
+@pytest.mark.slow
+def test_gemm_cli_times_both_frameworks(capsys, torch):
   assert benchmark.main(["gemm", "--variant", "test", "--batch-size", "2", "--image-size", "32", "--steps", "1",
                          "--json"]) == 0
   result = json.loads(capsys.readouterr().out)
@@ -251,7 +253,8 @@ def test_gemm_cli_times_both_frameworks(capsys):
   assert sum(g["count"] for g in result["gemms"]) >= 2 * 4  # at least the blocks' two pointwise convs
 
 
-def test_train_cli_times_your_copy_of_the_original(capsys, monkeypatch):
+@pytest.mark.slow
+def test_train_cli_times_your_copy_of_the_original(capsys, monkeypatch, torch):
   """--torch-model: the user's copy of the original code in place of the reference, checked to be the
   variant's size before anything compiles."""
   import os
@@ -287,6 +290,7 @@ def test_profile_groups_instructions_by_kernel_and_fusion_kind():
   }
 
 
+@pytest.mark.slow
 def test_profile_cli_accounts_for_the_step(capsys):
   assert benchmark.main(["profile", "--variant", "test", "--batch-size", "2", "--image-size", "32", "--steps", "1",
                          "--json"]) == 0

@@ -5,6 +5,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+# Each test starts fresh Python processes that compile: `make test-fast` leaves them out.
+pytestmark = pytest.mark.slow
+
 _PROGRAM = """
 import json
 from faer_jax import compile_cache

@@ -13,6 +13,9 @@ from faer_jax import checkpoint, config_lib, sharding, steps, train
 
 from conftest import REPO, load_config
 
+# Training runs end to end: `make test-fast` leaves them out.
+pytestmark = pytest.mark.slow
+
 # Every config file as it is; AffectNet's 8-class protocol; CelebA with the other losses of Table 3.
 CONFIGS = [(path.name, None, {}) for path in sorted((REPO / "configs").glob("*.py"))]
 CONFIGS += [("affectnet.py", "8", {}), ("celeba.py", None, {"loss.name": "bce"}),
@@ -51,8 +54,8 @@ def test_config_trains_saves_restores_and_evaluates(name, arg, overrides, tmp_pa
   moved = jax.tree_util.tree_map_with_path(lambda path, a, b: (jax.tree_util.keystr(path), bool(np.any(a != b))),
                                            before, jax.device_get(state["params"]))
   still = {name for name, changed in jax.tree.leaves(moved, is_leaf=lambda x: isinstance(x, tuple)) if not changed}
-  # Both biases add a constant over the positions CC Attention's softmax normalises: their
-  # gradients are exactly zero, and AdamW leaves a zero parameter with zero gradient where it is.
+  # Both biases add a constant over the positions CC Attention's softmax normalises: their gradients are
+  # zero (or rounding noise), and AdamW leaves a zero parameter with zero gradient where it is.
   assert still <= {"['cc_attention']['norm']['bias']", "['cc_attention']['mlp_2']['bias']"}, still
 
   manager = checkpoint.CheckpointManager(tmp_path / "checkpoints")

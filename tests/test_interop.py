@@ -11,16 +11,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 
 from faer_jax.interop import (CheckpointError, init_variables, load_state_dict, load_torch_checkpoint,
                               to_torch_state_dict)
 from faer_jax.interop import cli
-from faer_jax.interop.torch_reference import create_torch_model
 from faer_jax.models import create_backbone, create_model
 
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+from faer_jax.interop.torch_reference import create_torch_model  # noqa: E402  (needs torch)
+
 DATA = os.path.join(os.path.dirname(__file__), "data")
+# Counted, not computed by the code under test: the original's CC Attention has 10 tensors
+# (attention.{mlp.0, mlp.2, value, depthwise, norm}.{weight, bias}; 10 'attention.' keys in
+# data/faer_original_tiny_7classes.txt). The 'test' variant (depths 1, 1, 2, 1) has 75: four
+# downsampling layers of 4 (conv and norm, weight and bias), five blocks of 9 (dwconv, norm, pwconv1,
+# pwconv2: weight and bias; gamma), CC Attention's 10, the final norm's 2 and the head's 2.
+ATTENTION_TENSORS = 10
+TEST_VARIANT_TENSORS = 4 * 4 + 5 * 9 + ATTENTION_TENSORS + 2 + 2
+EVERY_TEST_GRADIENT = f"{TEST_VARIANT_TENSORS} of {TEST_VARIANT_TENSORS} tensors"
 TOL = 5e-6  # relative max difference, float32 (a correct model: ~1e-6; see test_cli_check_catches_numerics_bugs)
 
 
@@ -67,10 +76,15 @@ def tiny_pair():
 
 # --- Parity ------------------------------------------------------------------
 
+# 'auto' runs the CPU kernels here; 'xla' is the plain form every GPU and TPU runs.
+CONV_IMPLS = ["auto", "xla"]
+
+
+@pytest.mark.parametrize("conv_impl", CONV_IMPLS)
 @pytest.mark.parametrize("variant,size", [("test", 64), ("atto", 64)])
-def test_torch_to_flax_parity(variant, size):
+def test_torch_to_flax_parity(variant, size, conv_impl):
   torch_model = _perturbed_torch(variant, 7)
-  model = create_model(variant, 7)
+  model = create_model(variant, 7, conv_impl=conv_impl)
   variables, _ = load_state_dict(_numpy_state(torch_model), init_variables(model), strict=True)
   images = _images(size=size)
   tf, tl = _torch_out(torch_model, images)
@@ -126,9 +140,10 @@ def test_parity_where_the_epsilons_decide(eps_of):
     assert difference > 10 * TOL, difference
 
 
+@pytest.mark.parametrize("conv_impl", CONV_IMPLS)
 @pytest.mark.parametrize("variant", ["test", "atto"])
-def test_flax_to_torch_parity(variant):
-  model = create_model(variant, 7)
+def test_flax_to_torch_parity(variant, conv_impl):
+  model = create_model(variant, 7, conv_impl=conv_impl)
   variables = init_variables(model, seed=3)
   # Noise from numpy: a jax.random.normal per parameter shape compiled a program each, ~20 s of this test.
   rng = np.random.default_rng(4)
@@ -187,7 +202,7 @@ def test_timm_key_list_loads_backbone_and_reports_the_rest():
   _, report = load_state_dict(state, init_variables(create_model("tiny", 7)))
   assert report.layout == "timm" and not report.unexpected
   assert sorted(k for k, _ in report.skipped) == ["head.bias", "head.weight"]  # 1000 classes vs 7
-  assert all(k.startswith("attention.") for k in report.missing) and len(report.missing) == 10
+  assert all(k.startswith("attention.") for k in report.missing) and len(report.missing) == ATTENTION_TENSORS
   assert len(report.loaded) == len(shapes) - 2
 
 
@@ -219,7 +234,7 @@ def test_official_convnext_release_into_faer(tmp_path, tiny_pair):
   variables, report = load_torch_checkpoint(str(path), model, seed=5, return_report=True)
   assert report.container == "model"
   assert sorted(k for k, _ in report.skipped) == ["head.bias", "head.weight"]
-  assert len(report.missing) == 10 and not report.unexpected
+  assert len(report.missing) == ATTENTION_TENSORS and not report.unexpected
   np.testing.assert_array_equal(variables["params"]["cc_attention"]["value"]["kernel"],
                                 fresh["params"]["cc_attention"]["value"]["kernel"])
   np.testing.assert_array_equal(variables["params"]["head"]["kernel"], fresh["params"]["head"]["kernel"])
@@ -228,7 +243,7 @@ def test_official_convnext_release_into_faer(tmp_path, tiny_pair):
     load_torch_checkpoint(str(path), model, strict=True)
   # With a 1000-class head everything but CC Attention loads.
   _, report = load_torch_checkpoint(str(path), create_model("tiny", 1000), return_report=True)
-  assert not report.skipped and len(report.missing) == 10
+  assert not report.skipped and len(report.missing) == ATTENTION_TENSORS
 
 
 def _to_timm(state: dict, conv_mlp: bool) -> dict:
@@ -300,7 +315,7 @@ def test_timm_checkpoint_parity(tmp_path, conv_mlp, prefix, suffix):
   assert _rel(np.asarray(got).transpose(0, 3, 1, 2), expected) < TOL
   # The same file into the full FAER: the 1000-class head and final norm load too.
   _, report = load_torch_checkpoint(path, create_model("atto", 1000), return_report=True)
-  assert not report.unexpected and not report.skipped and len(report.missing) == 10
+  assert not report.unexpected and not report.skipped and len(report.missing) == ATTENTION_TENSORS
 
 
 def test_strict_mode_names_what_failed(tmp_path, tiny_pair):
@@ -374,14 +389,25 @@ def test_cli_import_export_round_trip(tmp_path, capsys):
   assert "already exists" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("conv_impl", CONV_IMPLS)
+def test_float64_parity_forward_and_gradients(conv_impl):
+  """Both frameworks in float64 from the same weights: what is left is rounding, ~1e-15 (a wrong GELU or epsilon
+  stays at 1e-5, test_cli_check_float64_separates_numerics_bugs_by_orders_of_magnitude)."""
+  result = cli.check("test", 7, image_size=64, batch_size=2, conv_impl=conv_impl, float64=True)
+  assert result["dtype"] == "float64" and result["gradients_compared"] == EVERY_TEST_GRADIENT
+  assert result["features_max_rel_diff"] < 1e-13 and result["logits_max_rel_diff"] < 1e-13, result
+  assert result["gradients_max_rel_diff"] < 1e-13 and result["loss_rel_diff"] < 1e-13, result
+
+
 def test_cli_check(tmp_path, capsys):
   assert cli.main(["check", "--variant", "test", "--num-classes", "7", "--image-size", "64", "--json"]) == 0
   result = json.loads(capsys.readouterr().out)
   assert result["ok"] and result["logits_max_rel_diff"] < TOL and result["gradients_max_rel_diff"] < TOL
+  assert result["conv_impl"] == "auto" and result["dtype"] == "float32"
   assert cli.main(["check", "--variant", "test", "--num-classes", "7", "--image-size", "64", "--json",
-                   "--no-gradients"]) == 0
+                   "--no-gradients", "--conv-impl", "xla"]) == 0
   result = json.loads(capsys.readouterr().out)
-  assert result["ok"] and "gradients_max_rel_diff" not in result
+  assert result["ok"] and "gradients_max_rel_diff" not in result and result["conv_impl"] == "xla"
   # A checkpoint whose attention weights are scrambled still loads, and check reads it on both sides.
   torch_model = _perturbed_torch("test", 7, seed=8)
   torch.save({"model": torch_model.state_dict()}, tmp_path / "m.pth")
@@ -407,7 +433,11 @@ def test_cli_check_runs_your_copy_of_the_original(tmp_path, capsys):
   assert result["torch_model"] == f"{ORIGINAL_CODE}:build"
   assert result["features_max_rel_diff"] < TOL and result["logits_max_rel_diff"] < TOL
   # The training loss's gradient of every parameter, paired by the original's names.
-  assert result["gradients_compared"] == "75 of 75 tensors" and result["gradients_max_rel_diff"] < TOL
+  assert result["gradients_compared"] == EVERY_TEST_GRADIENT and result["gradients_max_rel_diff"] < TOL
+  # In float64 with XLA's convolutions: nothing but rounding is left.
+  code, result, _ = _check(capsys, "--torch-model", f"{ORIGINAL_CODE}:build", "--float64", "--conv-impl", "xla")
+  assert code == 0 and result["ok"] and result["tolerance"] == 1e-10, result
+  assert max(result["features_max_rel_diff"], result["logits_max_rel_diff"], result["gradients_max_rel_diff"]) < 1e-13
   # A class with its arguments; logits only, in a dict: the features are not compared.
   code, result, _ = _check(capsys, "--torch-model", f"{ORIGINAL_CODE}:LogitsOnly",
                            "--torch-model-kwargs", _TEST_SIZES, "--no-gradients")
@@ -430,6 +460,18 @@ def test_cli_check_catches_numerics_bugs(capsys, bug):
   assert code == 1 and not result["ok"], result
   assert max(result["features_max_rel_diff"], result["logits_max_rel_diff"]) > 2 * TOL, result
   assert result["gradients_max_rel_diff"] > 1e-5, result  # 1.4e-5 to 3.0e-5 (a faithful model: 5.9e-7)
+
+
+@pytest.mark.parametrize("bug", ["TanhGelu", "BlockNormEps", "HeadNormEps"])
+def test_cli_check_float64_separates_numerics_bugs_by_orders_of_magnitude(capsys, bug):
+  """In float32 a bug sits 3-50x above a faithful model's rounding; in float64 a faithful copy of the original
+  agrees to ~1e-15 (test_cli_check_runs_your_copy_of_the_original) and each bug still moves outputs and
+  gradients by 1e-5 to 3e-5."""
+  code, result, _ = _check(capsys, "--torch-model", f"{ORIGINAL_CODE}:{bug}", "--torch-model-kwargs", _TEST_SIZES,
+                           "--float64")
+  assert code == 1 and not result["ok"], result
+  assert max(result["features_max_rel_diff"], result["logits_max_rel_diff"]) > 1e-6, result
+  assert result["gradients_max_rel_diff"] > 1e-6, result
 
 
 @pytest.mark.parametrize("spec,kwargs,message", [

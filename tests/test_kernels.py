@@ -289,6 +289,7 @@ def test_loaded_build_is_the_one_asked_for():
 _OTHER_WIDTH = {"avx512": "avx2", "avx2": "wide"}.get(kernels.cpu_isa())
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_OTHER_WIDTH is None, reason="no kernel build for this CPU")
 def test_the_other_vector_width_computes_the_same_functions():
   """The kernels' value and gradient tests, again with the other vector width's code.
@@ -313,6 +314,7 @@ def test_the_other_vector_width_computes_the_same_functions():
   assert int(summary.split(" passed")[0].split()[-1]) >= 20, summary
 
 
+@pytest.mark.slow
 def test_build_is_cached_and_keyed(tmp_path):
   """Two processes that start at once build the library once; a third loads it without compiling."""
   log = tmp_path / "compiler.log"

@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from faer_jax.interop import init_variables
@@ -121,15 +122,32 @@ def test_drop_path_rates_rise_linearly():
   np.testing.assert_allclose(list(rates.values()), [0.0, 0.1, 0.2, 0.3, 0.4], rtol=1e-6)
 
 
-def test_bfloat16_compute_keeps_float32_params():
-  model = create_model("test", 7, dtype=jnp.bfloat16)
-  images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-  variables = init_variables(model, seed=1)
+@pytest.mark.parametrize("conv_impl", ["auto", "xla"])
+def test_bfloat16_compute_keeps_float32_params_and_tracks_float32(conv_impl):
+  """bfloat16 against float32 on weights moved away from initialisation (at init every block is near the identity
+  and any two models agree): forward within 3 % of the largest output (measured 0.7-1.0 %), parameter gradients
+  within 3 % in L2 (measured 0.8 %)."""
+  model = create_model("test", 7, dtype=jnp.bfloat16, conv_impl=conv_impl)
+  reference = create_model("test", 7, conv_impl="xla")
+  rng = np.random.default_rng(4)
+  variables = jax.tree.map(lambda p: p + np.float32(0.05) * rng.standard_normal(p.shape, np.float32),
+                           init_variables(reference, seed=1))
   assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(variables))
+  images = np.random.default_rng(0).standard_normal((4, 64, 64, 3)).astype(np.float32)
+  labels = np.arange(4) % 7
   features, logits = jax.jit(model.apply)(variables, images)
   assert logits.dtype == jnp.bfloat16
-  ref = jax.jit(create_model("test", 7).apply)(variables, images)[1]
-  np.testing.assert_allclose(np.asarray(logits, np.float32), ref, atol=0.05, rtol=0.05)
+  ref_features, ref_logits = jax.jit(reference.apply)(variables, images)
+  for got, want in ((features, ref_features), (logits, ref_logits)):
+    assert np.max(np.abs(np.asarray(got, np.float32) - want)) < 0.03 * np.max(np.abs(want))
+
+  def gradient(m):
+    loss = lambda p: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+        m.apply({"params": p}, images)[1].astype(jnp.float32), labels))
+    return np.concatenate([np.ravel(g) for g in jax.tree.leaves(jax.jit(jax.grad(loss))(variables["params"]))])
+
+  got, want = gradient(model), gradient(reference)
+  assert got.dtype == np.float32 and np.linalg.norm(got - want) < 0.03 * np.linalg.norm(want)
 
 
 @pytest.mark.parametrize("conv_impl", ["xla", "auto"])

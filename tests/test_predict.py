@@ -7,13 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from faer_jax import gradcam, predict, train
 from faer_jax.data import create_source, pipeline
 from faer_jax.interop import init_variables, load_state_dict
-from faer_jax.interop.torch_reference import create_torch_model
 from faer_jax.models import create_model
 from conftest import shared_dir
 from test_train import demo_config, synth_root  # noqa: F401  (the shrunk demo run and its data)
@@ -75,7 +73,8 @@ def test_csv_output(trained, synth_root, capsys):  # noqa: F811
 
 
 @pytest.mark.parametrize("layer", ["cc_attention", "stage4"])
-def test_gradcam_matches_a_direct_pytorch_computation(layer):
+def test_gradcam_matches_a_direct_pytorch_computation(layer, torch):
+  from faer_jax.interop.torch_reference import create_torch_model  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
   torch_model = create_torch_model("test", 7).eval()
   with torch.no_grad():

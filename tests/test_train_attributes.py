@@ -23,6 +23,9 @@ from faer_jax.data.synth import make_synthetic_celeba
 from conftest import shared_dir
 from test_train import REPO, run_cli
 
+# Training runs end to end: `make test-fast` leaves them out.
+pytestmark = pytest.mark.slow
+
 CELEBA = os.path.join(REPO, "configs", "celeba.py")
 NUM_TRAIN, NUM_TEST = 1024, 256
 # 240 steps of 32 images at 64 px, drop path as configured (0.25). The learning rate suits a model

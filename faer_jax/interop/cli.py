@@ -7,6 +7,7 @@
           Writes a state dict that the original model loads with strict=True.
   check   --variant tiny --num-classes 7 [--torch-checkpoint X.pth]
           [--torch-model FILE.py:NAME [--torch-model-kwargs JSON]]
+          [--conv-impl auto|xla] [--float64]
           Runs the PyTorch reference (or, with --torch-model, your copy of the
           original code) and the Flax model on one random batch and prints the
           largest differences of features, logits and (unless --no-gradients)
@@ -29,6 +30,12 @@ from faer_jax.interop import external
 from faer_jax.interop.convert import init_variables, load_state_dict, load_torch_checkpoint, to_torch_state_dict
 from faer_jax.interop.torch_io import CheckpointError, read_state_dict
 from faer_jax.models import create_model, get_variant
+
+
+CONV_IMPLS = ("auto", "xla", "shift", "kernel")
+# Defaults of check's tolerances, by the precision both sides compute in.
+TOLERANCE = {"float32": 5e-6, "float64": 1e-10}
+GRAD_TOLERANCE = {"float32": 1e-5, "float64": 1e-10}
 
 
 def _model_args(p: argparse.ArgumentParser, required: bool) -> None:
@@ -55,17 +62,26 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--batch-size", type=int, default=2)
   p.add_argument("--image-size", type=int, default=224)
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--tolerance", type=float, default=5e-6,
-                 help="Largest relative difference allowed (max |difference| / max |PyTorch value|; a faithful "
-                      "float32 model differs by ~1e-6, an approximated GELU or a changed epsilon by 9e-6 to 8e-5).")
+  p.add_argument("--conv-impl", default="auto", choices=CONV_IMPLS,
+                 help="The Flax model's implementation (models.create_model): 'auto' runs the CPU kernels on a CPU, "
+                      "'xla' the plain XLA form every GPU and TPU runs.")
+  p.add_argument("--float64", action="store_true",
+                 help="Both frameworks in float64: a faithful model then agrees to ~1e-15 and any difference in "
+                      "the computation stands out by orders of magnitude (the CPU kernels are float32 only: the "
+                      "Flax side runs its XLA forms).")
+  p.add_argument("--tolerance", type=float,
+                 help="Largest relative difference allowed (max |difference| / max |PyTorch value|). Default "
+                      f"{TOLERANCE['float32']:g} (a faithful float32 model differs by ~1e-6, an approximated GELU "
+                      f"or a changed epsilon by 9e-6 to 8e-5); {TOLERANCE['float64']:g} with --float64.")
   p.add_argument("--torch-model", metavar="FILE.py:NAME",
                  help="Your copy of the original PyTorch code instead of this repository's reference: "
                       "FILE.py:NAME or package.module:NAME, NAME(**kwargs) returning the model "
                       "(faer_jax.interop.external).")
   p.add_argument("--torch-model-kwargs", metavar="JSON", help='Its arguments, e.g. \'{"num_classes": 7}\'.')
-  p.add_argument("--grad-tolerance", type=float, default=1e-5,
+  p.add_argument("--grad-tolerance", type=float,
                  help="The same for the parameter gradients (max over every tensor, relative to the largest "
-                      "PyTorch gradient; a faithful model: up to ~2.4e-6, base at batch 2).")
+                      f"PyTorch gradient). Default {GRAD_TOLERANCE['float32']:g} (a faithful model: up to ~3.3e-6); "
+                      f"{GRAD_TOLERANCE['float64']:g} with --float64.")
   p.add_argument("--no-gradients", action="store_true",
                  help="Compare the forward only (default: also every parameter's gradient of the training loss).")
   p.add_argument("--json", action="store_true", help="Print one JSON object.")
@@ -179,7 +195,8 @@ def _gradient_diffs(flax_grads: dict, torch_model) -> dict:
 
 def check(variant: str, num_classes: int, torch_checkpoint: str | None = None, batch_size: int = 2,
           image_size: int = 224, seed: int = 0, torch_model: str | None = None,
-          torch_model_kwargs: dict | None = None, gradients: bool = True) -> dict:
+          torch_model_kwargs: dict | None = None, gradients: bool = True, conv_impl: str = "auto",
+          float64: bool = False) -> dict:
   """Runs both frameworks on one batch; returns the differences (Flax vs PyTorch).
 
   Compared: the features and logits of the forward (eval mode), and with
@@ -187,17 +204,29 @@ def check(variant: str, num_classes: int, torch_checkpoint: str | None = None, b
   (cross-entropy of the logits on random labels, averaged over the batch).
   The PyTorch side is `faer_jax.interop.torch_reference`, or with `torch_model`
   ('FILE.py:NAME' or 'package.module:NAME', see faer_jax.interop.external) your
-  copy of the original code, built as NAME(**torch_model_kwargs).
+  copy of the original code, built as NAME(**torch_model_kwargs). The Flax
+  model is built with `conv_impl`; with `float64` both sides compute in
+  float64 from the same (float32) weights.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  if float64:
+    with jax.enable_x64(True):
+      return _check(variant, num_classes, torch_checkpoint, batch_size, image_size, seed, torch_model,
+                    torch_model_kwargs, gradients, conv_impl, np.float64)
+  return _check(variant, num_classes, torch_checkpoint, batch_size, image_size, seed, torch_model,
+                torch_model_kwargs, gradients, conv_impl, np.float32)
+
+
+def _check(variant, num_classes, torch_checkpoint, batch_size, image_size, seed, torch_model, torch_model_kwargs,
+           gradients, conv_impl, dtype) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
   from faer_jax.interop import external  # pylint: disable=g-import-not-at-top
   from faer_jax.interop.torch_reference import create_torch_model  # pylint: disable=g-import-not-at-top
   feature_dim = get_variant(variant).dims[-1]
-  model = create_model(variant, num_classes)
+  model = create_model(variant, num_classes, conv_impl=conv_impl, dtype=dtype)
   torch.manual_seed(seed)  # the model's own initialisation
   if torch_model:
     inner = external.load_torch_model(torch_model, torch_model_kwargs)
@@ -205,7 +234,8 @@ def check(variant: str, num_classes: int, torch_checkpoint: str | None = None, b
   else:
     inner = create_torch_model(variant, num_classes)
   if torch_checkpoint:
-    variables, report = load_torch_checkpoint(torch_checkpoint, model, return_report=True)
+    variables, report = load_torch_checkpoint(torch_checkpoint, create_model(variant, num_classes),
+                                              return_report=True)
     state_dict, _ = read_state_dict(torch_checkpoint)
     _load_torch_side(inner, state_dict, torch_checkpoint, require_all=bool(torch_model))
     inner.eval()
@@ -215,17 +245,21 @@ def check(variant: str, num_classes: int, torch_checkpoint: str | None = None, b
     # identity, and agreement would prove little.
     _perturb(inner, seed)
     state_dict = {k: v.numpy() for k, v in inner.state_dict().items()}
-    variables, _ = load_state_dict(state_dict, init_variables(model), strict=True)
+    variables, _ = load_state_dict(state_dict, init_variables(create_model(variant, num_classes)), strict=True)
     load_summary = "random weights, perturbed from initialisation"
+  # The same weights on both sides, in the precision compared.
+  variables = jax.tree.map(lambda a: np.asarray(a, dtype), variables)
+  inner_dtype = torch.float64 if dtype == np.float64 else torch.float32
+  inner.to(inner_dtype)
   rng = np.random.default_rng(seed)
-  images = rng.standard_normal((batch_size, 3, image_size, image_size), np.float32)
+  images = rng.standard_normal((batch_size, 3, image_size, image_size), np.float32).astype(dtype)
   labels = rng.integers(0, num_classes, batch_size)
   inner.zero_grad(set_to_none=True)
   with torch.set_grad_enabled(gradients):  # no autograd graph for a forward-only check
     torch_features, torch_logits = external.features_and_logits(
         inner(torch.from_numpy(images)), batch_size, num_classes, feature_dim)
     if gradients:
-      torch_loss = F.cross_entropy(torch_logits.float(), torch.from_numpy(labels).long())
+      torch_loss = F.cross_entropy(torch_logits.to(inner_dtype), torch.from_numpy(labels).long())
       torch_loss.backward()
   # As users run it: the float32 model asks for float32 products itself
   # (models.layers.precision), so no precision context here to hide a layer
@@ -238,17 +272,18 @@ def check(variant: str, num_classes: int, torch_checkpoint: str | None = None, b
   result = {"variant": variant, "num_classes": num_classes, "weights": load_summary,
             "torch_model": torch_model or "faer_jax.interop.torch_reference",
             "batch_size": batch_size, "image_size": image_size, "backend": jax.default_backend(),
+            "conv_impl": conv_impl, "dtype": np.dtype(dtype).name,
             "features_max_abs_diff": fa, "features_max_rel_diff": fr,
             "logits_max_abs_diff": la, "logits_max_rel_diff": lr}
   if gradients:
 
     def loss_fn(params):
       _, logits = model.apply({**variables, "params": params}, nhwc, train=False)
-      return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
+      return optax.softmax_cross_entropy_with_integer_labels(logits.astype(dtype), labels).mean()
 
     loss, grads = jax.jit(jax.value_and_grad(loss_fn))(variables["params"])
     result["loss_rel_diff"] = abs(float(loss) - torch_loss.item()) / max(abs(torch_loss.item()), 1e-30)
-    result.update(_gradient_diffs(to_torch_state_dict({"params": grads}), inner))
+    result.update(_gradient_diffs(to_torch_state_dict({"params": grads}, dtype), inner))
   return result
 
 
@@ -270,14 +305,17 @@ def main(argv: list[str] | None = None) -> int:
     else:
       result = check(args.variant, args.num_classes, args.torch_checkpoint, args.batch_size, args.image_size,
                      args.seed, args.torch_model, external.parse_kwargs(args.torch_model_kwargs),
-                     gradients=not args.no_gradients)
+                     gradients=not args.no_gradients, conv_impl=args.conv_impl, float64=args.float64)
+      precision = "float64" if args.float64 else "float32"
+      tolerance = TOLERANCE[precision] if args.tolerance is None else args.tolerance
+      grad_tolerance = GRAD_TOLERANCE[precision] if args.grad_tolerance is None else args.grad_tolerance
       # Features only where the PyTorch model returns them; gradients unless --no-gradients.
       outputs = [d for d in (result["features_max_rel_diff"], result["logits_max_rel_diff"]) if d is not None]
-      ok = max(outputs) <= args.tolerance
+      ok = max(outputs) <= tolerance
       if result.get("gradients_max_rel_diff") is not None:
-        ok = ok and result["gradients_max_rel_diff"] <= args.grad_tolerance
-        result.update(grad_tolerance=args.grad_tolerance)
-      result.update(tolerance=args.tolerance, ok=ok)
+        ok = ok and result["gradients_max_rel_diff"] <= grad_tolerance
+        result.update(grad_tolerance=grad_tolerance)
+      result.update(tolerance=tolerance, ok=ok)
       if args.json:
         print(json.dumps(result))
       else:

@@ -132,8 +132,8 @@ def load_torch_checkpoint(path: str, model: flax.linen.Module, *, strict: bool =
   return (loaded, report) if return_report else loaded
 
 
-def to_torch_state_dict(variables: Variables) -> dict[str, np.ndarray]:
-  """A dict of float32 numpy arrays under the original FAER key names (no 'module.' prefix).
+def to_torch_state_dict(variables: Variables, dtype=np.float32) -> dict[str, np.ndarray]:
+  """A dict of numpy arrays (float32 by default) under the original FAER key names (no 'module.' prefix).
 
   `{k: torch.from_numpy(v) for k, v in ...}` loads with `load_state_dict(strict=True)`
   into the original model of the same variant and number of classes.
@@ -146,5 +146,5 @@ def to_torch_state_dict(variables: Variables) -> dict[str, np.ndarray]:
   if unmapped:
     raise ValueError(f"Parameters with no PyTorch name: {sorted('/'.join(p) for p in unmapped)}")
   # np.array copies: torch.from_numpy wants writable, contiguous arrays.
-  return {name: np.array(e.to_torch(np.asarray(flat[e.flax_path], np.float32)), order="C")
+  return {name: np.array(e.to_torch(np.asarray(flat[e.flax_path], dtype)), order="C")
           for name, e in table.items()}

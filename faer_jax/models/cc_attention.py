@@ -52,7 +52,7 @@ class CCAttention(nn.Module):
     query = layers.layer_norm(1e-5, self.dtype, "norm")(layers.gelu(query))
 
     # Softmax over the H*W positions, separately per example and channel. In
-    # float32 whatever the compute dtype, as torch autocast does for softmax.
-    logits = (query + key).reshape(b, h * w, c).astype(jnp.float32)
+    # float32 at least whatever the compute dtype, as torch autocast does for softmax.
+    logits = (query + key).reshape(b, h * w, c).astype(jnp.promote_types(self.dtype, jnp.float32))
     attention = jax.nn.softmax(logits, axis=1).reshape(b, h, w, c).astype(self.dtype)
     return attention * value + x
