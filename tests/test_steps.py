@@ -97,34 +97,36 @@ def _carrying(logits, features):
 
 
 def test_eval_sums_and_expression_metrics_match_numpy():
-  """Masked examples count for nothing; confusion[true, predicted]; per-class recall; their mean."""
+  """Masked examples count for nothing; confusion[true, predicted]; per-class accuracy is recall (Table 5);
+  mean class accuracy its mean."""
   config = _config(center_loss_weight=0.01)
-  logits = RNG.normal(size=(12, 7))
-  logits[:4] = 0
-  logits[:4, 2] = 5  # four examples of true class 0 predicted as 2: confusion[0, 2] == 4
-  labels = np.array([0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 6, 1])
-  mask = np.array([True] * 10 + [False] * 2)
-  batch = {"image": _carrying(logits, FEATURES.repeat(2, 0)), "label": labels, "mask": mask}
+  labels = np.array([0, 0, 0, 0, 1, 1, 2, 3, 4, 5, 6, 1, 2])
+  chosen = np.array([2, 2, 0, 0, 1, 0, 2, 3, 4, 6, 6, 1, 1])  # the last two examples are padding
+  logits = RNG.normal(size=(13, 7)) + 5 * np.eye(7)[chosen]
+  features = RNG.normal(size=(13, 16))
+  mask = np.arange(13) < 11
+  batch = {"image": _carrying(logits, features), "label": labels, "mask": mask}
   sums = jax.jit(lambda v, b: steps.eval_step(v, b, model=_Carried(7), config=config))(
       {"params": {}, "centers": CENTERS}, batch)
   predicted = logits.argmax(1)
   confusion = np.zeros((7, 7))
   for t, p in zip(labels[mask], predicted[mask]):
     confusion[t, p] += 1
-  assert confusion[0, 2] == 4
+  # Class 0: 2 of its 4 examples found (recall 1/2); 3 predictions of 0, 2 right (precision 2/3).
+  assert confusion[0, 2] == 2 and confusion[1, 0] == 1
   np.testing.assert_array_equal(sums["confusion"], confusion)
-  assert float(sums["count"]) == 10 and float(sums["correct"]) == np.sum(predicted[mask] == labels[mask])
-  per_example = (-_log_softmax(logits)[np.arange(12), labels]
-                 + 0.01 * 0.5 * np.sum((FEATURES.repeat(2, 0) - CENTERS[labels]) ** 2, axis=1))
+  assert float(sums["count"]) == 11 and float(sums["correct"]) == np.sum(predicted[mask] == labels[mask])
+  per_example = (-_log_softmax(logits)[np.arange(13), labels]
+                 + 0.01 * 0.5 * np.sum((features - CENTERS[labels]) ** 2, axis=1))
   np.testing.assert_allclose(sums["loss_sum"], per_example[mask].sum(), rtol=1e-5)
 
   metrics = evaluation.summarize(jax.device_get(sums), config, [f"c{i}" for i in range(7)])
   recall = [np.mean(predicted[mask][labels[mask] == k] == k) for k in range(7)]
   np.testing.assert_allclose(metrics["per_class_accuracy"], recall)
-  assert metrics["per_class_accuracy"][0] == 0.0
+  assert metrics["per_class_accuracy"][0] == 0.5 and metrics["per_class_accuracy"][5] == 0.0
   np.testing.assert_allclose(metrics["mean_class_accuracy"], np.mean(recall))
   np.testing.assert_allclose(metrics["accuracy"], np.mean(predicted[mask] == labels[mask]))
-  assert metrics["confusion_matrix"][0][2] == 4 and metrics["num_examples"] == 10
+  assert metrics["confusion_matrix"][0][2] == 2 and metrics["num_examples"] == 11
 
 
 def test_eval_sums_and_attribute_metrics_match_numpy():
