@@ -25,9 +25,11 @@ demo: $(VENV)/.installed-base
 	$(PY) -m faer_jax.evaluate --workdir $(WORKDIR) --checkpoint best
 
 test: $(VENV)/.installed-test
+	$(PY) -m ruff check -q faer_jax tests configs
 	$(PY) -m pytest -q -n 2 tests
 
 test-fast: $(VENV)/.installed-test
+	$(PY) -m ruff check -q faer_jax tests configs
 	$(PY) -m pytest -q -n 2 -m "not slow" tests
 
 clean-venv:

@@ -12,7 +12,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from faer_jax import optim
-from faer_jax.models import VARIANTS
+from faer_jax.models import CONV_IMPLS, VARIANTS
 
 TASKS = ("fer", "fae")  # expression recognition (one of K) / attribute estimation (K binary)
 LOSSES = ("cross_entropy", "focal", "bce", "asymmetric")
@@ -60,7 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.layer_scale_init_value = 1e-6
   c.model.head_init_scale = 1.0
   c.model.dtype = "float32"   # computation dtype; parameters stay float32
-  c.model.conv_impl = "auto"
+  c.model.conv_impl = "auto"   # the layers' implementation (faer_jax.models.implementations)
 
   c.loss = ml_collections.ConfigDict()
   c.loss.name = "cross_entropy"
@@ -82,6 +82,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   check(config.task in TASKS, f"task={config.task!r}; expected one of {TASKS}")
   check(config.model.variant in VARIANTS, f"model.variant={config.model.variant!r}; expected one of {sorted(VARIANTS)}")
   check(config.model.dtype in DTYPES, f"model.dtype={config.model.dtype!r}; expected one of {DTYPES}")
+  check(config.model.conv_impl in CONV_IMPLS,
+        f"model.conv_impl={config.model.conv_impl!r}; expected one of {CONV_IMPLS}")
   check(config.loss.name in LOSSES, f"loss.name={config.loss.name!r}; expected one of {LOSSES}")
   check((config.task == "fer") == (config.loss.name == "cross_entropy"),
         f"loss.name={config.loss.name!r} does not fit task={config.task!r} (fer: cross_entropy; "

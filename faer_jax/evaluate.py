@@ -73,7 +73,8 @@ def evaluate_checkpoint(config, workdir: str, which: str = "latest") -> dict:
 
 def format_table(metrics: dict) -> str:
   lines = [f"step {metrics['step']} on {metrics['split']} ({metrics['num_examples']} examples)",
-           f"  accuracy             {100 * metrics['accuracy']:6.2f} %", f"  loss                 {metrics['loss']:.4f}"]
+           f"  accuracy             {100 * metrics['accuracy']:6.2f} %",
+           f"  loss                 {metrics['loss']:.4f}"]
   if "per_class_accuracy" in metrics:
     lines.append(f"  mean class accuracy  {100 * metrics['mean_class_accuracy']:6.2f} %")
     pairs = zip(metrics["class_names"], metrics["per_class_accuracy"])

@@ -69,16 +69,16 @@ def upsample(cams: np.ndarray, size: int) -> np.ndarray:
 
 def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> np.ndarray:
   """The jet-coloured map blended over a uint8 image."""
-  from matplotlib import colormaps  # pylint: disable=g-import-not-at-top
+  from matplotlib import colormaps
   heat = colormaps["jet"](cam)[..., :3] * 255
   return np.clip((1 - alpha) * image + alpha * heat, 0, 255).astype(np.uint8)
 
 
 def save_grid(images: Sequence[np.ndarray], overlays: Sequence[np.ndarray], titles: Sequence[str], path: str) -> None:
   """Originals on the top row, maps below, a title over each column."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
+  import matplotlib
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import matplotlib.pyplot as plt
   n = len(images)
   fig, axes = plt.subplots(2, n, figsize=(2.2 * n, 4.6), squeeze=False)
   for i in range(n):
@@ -144,7 +144,7 @@ def main(argv=None) -> int:
   maps = upsample(np.asarray(cams), loaded.image_size)
   probs = inference.probabilities(loaded.task, np.asarray(logits))
   os.makedirs(args.out, exist_ok=True)
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import Image
   overlays, titles = [], []
   for path, image, cam, t, p in zip(paths, shown, maps, np.asarray(targets), probs):
     overlays.append(overlay(image, cam))

@@ -47,7 +47,8 @@ def load_model(workdir: str, checkpoint: str = "latest", class_names: Sequence[s
                             "(model.json from `python -m faer_jax.interop import`).")
   if class_names:
     if len(class_names) != len(loaded.class_names):
-      raise ValueError(f"--class-names gives {len(class_names)} names; the model has {len(loaded.class_names)} outputs.")
+      raise ValueError(f"--class-names gives {len(class_names)} names; "
+                       f"the model has {len(loaded.class_names)} outputs.")
     loaded.class_names = tuple(class_names)
   if image_size:
     loaded.image_size = image_size
@@ -55,7 +56,7 @@ def load_model(workdir: str, checkpoint: str = "latest", class_names: Sequence[s
 
 
 def _from_training_run(workdir: str, checkpoint: str) -> LoadedModel:
-  from faer_jax import config_lib, evaluate, sharding  # pylint: disable=g-import-not-at-top
+  from faer_jax import config_lib, evaluate, sharding
   config = config_lib.load(os.path.join(workdir, "config.json"))
   mesh = sharding.create_mesh(1)
   step, variables, programs = evaluate.restore_eval_variables(config, workdir, checkpoint, mesh)
@@ -65,12 +66,13 @@ def _from_training_run(workdir: str, checkpoint: str) -> LoadedModel:
       names = tuple(json.load(f)["class_names"])
   else:
     names = _default_names(config.num_classes)[1]
-  return LoadedModel(programs.model, variables["params"], config.task, names, config.image_size, config.data.aspect, step)
+  return LoadedModel(programs.model, variables["params"], config.task, names, config.image_size, config.data.aspect,
+                     step)
 
 
 def _from_import(workdir: str) -> LoadedModel:
-  from faer_jax.interop.cli import load_imported  # pylint: disable=g-import-not-at-top
-  from faer_jax.models import create_model  # pylint: disable=g-import-not-at-top
+  from faer_jax.interop.cli import load_imported
+  from faer_jax.models import create_model
   variables, variant, num_classes = load_imported(workdir)
   task, names = _default_names(num_classes)
   return LoadedModel(create_model(variant, num_classes), variables["params"], task, names, 224, "squash", None)

@@ -66,7 +66,7 @@ class MetricWriter:
         kept = [line for line in f if line.strip() and json.loads(line)["step"] <= truncate_after]
       with open(self._jsonl, "w") as f:
         f.writelines(kept)
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    from tensorboardX import SummaryWriter
     self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write_scalars(self, step: int, values: dict[str, Any]) -> None:

@@ -5,8 +5,8 @@ from typing import Sequence
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display needed
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import matplotlib.pyplot as plt
+import numpy as np
 
 
 def confusion_matrix_figure(confusion: Sequence[Sequence[int]], class_names: Sequence[str], path: str,

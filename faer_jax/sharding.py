@@ -9,7 +9,6 @@ Each process loads only its share of every batch (host-local numpy from
 grain); `make_global_batch` stitches the shares into global arrays.
 """
 
-import glob
 import math
 import os
 from typing import Any
@@ -18,6 +17,8 @@ import jax
 import numpy as np
 from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+import faer_jax
 
 PyTree = Any
 
@@ -43,12 +44,10 @@ def _detected_cluster() -> str | None:
   tpu_hosts = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES") or ""
   if "," in tpu_hosts or "MEGASCALE_COORDINATOR_ADDRESS" in env:
     return "TPU pod (GKE or multislice)"
-  # A Cloud TPU VM (vendor 0x1ae0 is Google): JAX asks the metadata server for
-  # the pod's workers, and a single-host slice initializes as one process.
-  for vendor_file in glob.glob("/sys/bus/pci/devices/*/vendor"):
-    with open(vendor_file) as f:
-      if f.read().strip() == "0x1ae0":
-        return "Cloud TPU VM"
+  # A Cloud TPU VM: JAX asks the metadata server for the pod's workers, and a
+  # single-host slice initializes as one process.
+  if faer_jax.has_tpu_hardware():
+    return "Cloud TPU VM"
   return None
 
 
@@ -85,25 +84,28 @@ def maybe_initialize_distributed(coordinator_address: str | None = None, num_pro
   return True
 
 
-def create_mesh(fsdp: int = 1) -> Mesh:
-  """A ('data', 'fsdp') mesh over every device of every process.
+def create_mesh(fsdp: int = 1, devices=None) -> Mesh:
+  """A ('data', 'fsdp') mesh over every device of every process (or over `devices`).
 
   'fsdp' is the inner axis, so an FSDP group is made of neighbouring devices
   (the same host, the fastest links).
 
   Args:
     fsdp: size of the 'fsdp' axis; 1 gives pure data parallelism.
+    devices: the devices to lay out, e.g. a TPU topology's from
+      `jax.experimental.topologies` to compile for hardware this machine does
+      not have; None: jax.devices().
 
   Returns:
-    The mesh, of shape (device_count // fsdp, fsdp).
+    The mesh, of shape (number of devices // fsdp, fsdp).
   """
-  n = jax.device_count()
+  n = len(devices) if devices is not None else jax.device_count()
   if fsdp < 1 or n % fsdp:
     raise ValueError(f"fsdp={fsdp} must divide the number of devices ({n}).")
   # Auto axes: shardings are given at jit boundaries and XLA propagates them
   # inside. jax.make_mesh now defaults to Explicit axes, which would require
   # sharding annotations in the model code.
-  return jax.make_mesh((n // fsdp, fsdp), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+  return jax.make_mesh((n // fsdp, fsdp), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -61,11 +61,12 @@ class NonFiniteLossError(RuntimeError):
   """Training produced a NaN or infinite loss; the message names the step."""
 
 
-def create_train_model(config: ml_collections.ConfigDict):
+def create_train_model(config: ml_collections.ConfigDict, platform: str | None = None):
+  """The config's model, with the layers for `platform` (None: this process's default backend)."""
   return create_model(config.model.variant, config.num_classes, drop_path_rate=config.model.drop_path_rate,
                       layer_scale_init_value=config.model.layer_scale_init_value,
                       head_init_scale=config.model.head_init_scale, dtype=jnp.dtype(config.model.dtype),
-                      conv_impl=config.model.conv_impl)
+                      conv_impl=config.model.conv_impl, platform=platform)
 
 
 def create_data_source(config: ml_collections.ConfigDict, split: str):
@@ -115,9 +116,15 @@ class Programs:
     return jax.tree.map(lambda a: a.sharding, self.abstract_state)
 
 
-def build_programs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, steps_per_epoch: int) -> Programs:
-  """The model, the state's shapes and shardings, and the jitted steps of `config` over `mesh`."""
-  model = create_train_model(config)
+def build_programs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, steps_per_epoch: int,
+                   platform: str | None = None) -> Programs:
+  """The model, the state's shapes and shardings, and the jitted steps of `config` over `mesh`.
+
+  The model's layers are chosen for `platform`, by default that of the mesh's
+  devices: a mesh over a TPU topology or GPUs gives the programs those devices
+  run. (`platform='cuda'` with a CPU mesh: the programs to export for CUDA.)
+  """
+  model = create_train_model(config, platform or mesh.devices.flat[0].platform)
   tx, schedule = optim.create_optimizer(config.optimizer, steps_per_epoch)
   init = functools.partial(steps.create_train_state, model=model, tx=tx, config=config)
   shapes = jax.eval_shape(init, jax.random.key(config.seed))

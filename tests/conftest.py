@@ -43,7 +43,7 @@ def cpu_kernels() -> str:
   Skips where they are off by design: FAER_JAX_CPU_KERNELS=0, or a CPU with neither
   AVX-512F nor AVX2 + FMA. Where the CPU has them, a build that fails fails.
   """
-  from faer_jax import kernels  # pylint: disable=g-import-not-at-top
+  from faer_jax import kernels
   setting = os.environ.get("FAER_JAX_CPU_KERNELS", "1")
   if setting == "0" or (setting != "force" and kernels.cpu_isa() is None):
     pytest.skip(f"the CPU kernels are off here (FAER_JAX_CPU_KERNELS={setting}, CPU: {kernels.cpu_isa()})")
@@ -55,7 +55,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 def load_config(name: str, arg: str | None = None, **overrides):
   """configs/NAME's `get_config(arg)`, with `overrides` ('optimizer.lr': 1e-3, ...) set."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
+  import importlib.util
   spec = importlib.util.spec_from_file_location(f"config_{name.removesuffix('.py')}", REPO / "configs" / name)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

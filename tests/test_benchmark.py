@@ -1,9 +1,9 @@
 """The benchmark CLI, and the CPU implementations of the model's layers against XLA's and flax's own.
 
-Each alternative implementation in faer_jax.models.layers must compute the
-same function as the plain op it replaces, value and gradients, up to float
-summation order: the interop parity tests only check the forward pass of the
-implementation the backend picks.
+Each pure-XLA CPU form in faer_jax.kernels (shifts, split groups, the CPU
+LayerNorm) must compute the same function as the plain layer of
+faer_jax.models.layers it replaces, value and gradients, up to float
+summation order.
 """
 
 import json
@@ -11,12 +11,13 @@ import json
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from jax import lax
 
 from faer_jax import benchmark, kernels
 from faer_jax.benchmark import flops
+from faer_jax.kernels import modules
+from faer_jax.kernels.shifts import depthwise_conv_shifts
 from faer_jax.models import layers
 from faer_jax.testing import assert_close
 
@@ -48,21 +49,21 @@ def _grouped_conv(x, kernel, groups):
 @pytest.mark.parametrize("shape,k", [((2, 9, 11, 24), 7), ((2, 5, 6, 8), 3), ((1, 3, 3, 4), 7)])
 def test_depthwise_shifts_equal_grouped_conv(shape, k):
   x, kernel = _normal(1, shape), _normal(2, (k, k, shape[-1]), 0.1)
-  _assert_same_function(jax.jit(layers.depthwise_conv_shifts),
+  _assert_same_function(jax.jit(depthwise_conv_shifts),
                         lambda x, w: _grouped_conv(x, w[:, :, None, :], shape[-1]), (x, kernel))
 
 
-def test_depthwise_module_impls_agree_with_gradients():
+def test_depthwise_shift_module_equals_the_plain_one_with_gradients():
   x = _normal(1, (2, 9, 11, 24))
-  variables = layers.DepthwiseConv7x7(24, impl="xla").init(jax.random.key(0), x)
+  variables = layers.DepthwiseConv(24).init(jax.random.key(0), x)
   variables = jax.tree_util.tree_map(lambda p: p + _normal(3, p.shape, 0.1), variables)
-  apply = lambda impl: lambda v, x: layers.DepthwiseConv7x7(24, impl=impl).apply(v, x)
-  _assert_same_function(jax.jit(apply("shift")), apply("xla"), (variables, x))
+  _assert_same_function(jax.jit(modules.ShiftDepthwiseConv(24).apply), layers.DepthwiseConv(24).apply,
+                        (variables, x))
 
 
 def test_depthwise_bfloat16_kernel_gradient_accumulates_in_float32():
   x, kernel = _normal(1, (4, 28, 28, 16)), _normal(2, (7, 7, 16), 0.1)
-  grad = lambda x, w: jax.grad(lambda w: jnp.sum(layers.depthwise_conv_shifts(x, w)))(w)
+  grad = lambda x, w: jax.grad(lambda w: jnp.sum(depthwise_conv_shifts(x, w)))(w)
   got = grad(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16))
   assert got.dtype == jnp.bfloat16
   assert_close(got.astype(jnp.float32), grad(x, kernel), rtol=2e-2)
@@ -71,12 +72,12 @@ def test_depthwise_bfloat16_kernel_gradient_accumulates_in_float32():
 # --- CC Attention's grouped conv ---------------------------------------------------
 
 def test_grouped_conv_split_equals_grouped_conv():
-  make = lambda impl: layers.GroupedConv(32, 7, groups=4, impl=impl)
+  plain, split = layers.GroupedConv(32, 7, groups=4), modules.SplitGroupedConv(32, 7, groups=4)
   x = _normal(1, (2, 7, 7, 32))
-  variables = make("xla").init(jax.random.key(0), x)
+  variables = plain.init(jax.random.key(0), x)
   assert variables["params"]["kernel"].shape == (7, 7, 8, 32)  # nn.Conv's layout
   variables = jax.tree_util.tree_map(lambda p: p + _normal(3, p.shape, 0.05), variables)
-  _assert_same_function(jax.jit(make("split").apply), make("xla").apply, (variables, x))
+  _assert_same_function(jax.jit(split.apply), plain.apply, (variables, x))
 
 
 def test_grouped_conv_has_nn_conv_parameters():
@@ -88,10 +89,11 @@ def test_grouped_conv_has_nn_conv_parameters():
 
 # --- LayerNorm and GELU ---------------------------------------------------------
 
+@pytest.mark.parametrize("norm", [layers.LayerNorm, modules.CpuLayerNorm])
 @pytest.mark.parametrize("shape", [(2, 5, 7, 48), (3, 768)])
-def test_layer_norm_equals_flax(shape):
+def test_layer_norm_equals_flax(shape, norm):
   x = _normal(1, shape, 3.0) + 5.0  # a mean large against the spread
-  ours, theirs = layers.LayerNorm(epsilon=1e-6), nn.LayerNorm(epsilon=1e-6, use_fast_variance=False)
+  ours, theirs = norm(epsilon=1e-6), nn.LayerNorm(epsilon=1e-6, use_fast_variance=False)
   variables = theirs.init(jax.random.key(0), x)
   assert jax.tree_util.tree_map(jnp.shape, ours.init(jax.random.key(0), x)) == \
       jax.tree_util.tree_map(jnp.shape, variables)
@@ -281,7 +283,7 @@ def test_profile_groups_instructions_by_kernel_and_fusion_kind():
   %multiply_add_fusion.2 = f32[16,7,7,768]{3,2,1,0} fusion(%x, %y), kind=kLoop, calls=%d
   %ffi_call.3 = (f32[16,56,56,96]{3,2,1,0}, f32[96]{0}) custom-call(%x, %w), custom_call_target="faer_mlp_backward"
   ROOT %dot.29 = f32[16,1]{1,0} dot(%p, %q), lhs_contracting_dims={1}, rhs_contracting_dims={0}
-"""
+"""  # noqa: E501  (compiled HLO, as XLA prints it)
   assert profile.instruction_groups(hlo) == {
       "ynn_fusion.7": ("ynn_fusion", "f32[784,3072]"),
       "multiply_add_fusion.2": ("multiply_add_fusion", "f32[16,7,7,768]"),

@@ -14,8 +14,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from faer_jax import kernels
 from faer_jax.interop import init_variables
-from faer_jax.kernels import depthwise, grouped
+from faer_jax.kernels import depthwise, grouped, modules
 from faer_jax.models import create_model, layers
+from faer_jax.models.convnext import Block
 from faer_jax.testing import assert_close, custom_calls
 
 
@@ -57,7 +58,7 @@ def _conv_then_norm(x, kernel, bias, scale, shift, eps=1e-6):
 
 
 @pytest.mark.parametrize("shape", [(2, 9, 11, 40), (1, 1, 1, 5), (3, 7, 7, 96)])
-def test_fused_conv_norm_equals_conv_then_layer_norm(shape):
+def test_fused_conv_norm_kernel_equals_conv_then_layer_norm(shape):
   ks = jax.random.split(jax.random.key(len(shape) + shape[-1]), 6)
   c = shape[-1]
   args = (jax.random.normal(ks[0], shape), jax.random.normal(ks[1], (7, 7, c)),
@@ -71,17 +72,17 @@ def test_fused_conv_norm_equals_conv_then_layer_norm(shape):
     assert_close(g, w, what=f"gradient of argument {i}")
 
 
-def test_block_fuses_norm_into_the_kernel():
-  """The ConvNeXt block's conv + norm is one kernel call, with the parameters where they always were."""
-  from faer_jax.models.convnext import Block  # pylint: disable=g-import-not-at-top
+def test_fused_block_has_the_blocks_parameters_and_function():
+  """FusedBlock runs the ConvNeXt block's conv + norm as one kernel call, with Block's parameters, initialised
+  to the same values."""
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 32))
-  variables = Block(32).init(jax.random.key(1), x)
+  variables = modules.FusedBlock(32).init(jax.random.key(1), x)
+  jax.tree.map(np.testing.assert_array_equal, variables, Block(32).init(jax.random.key(1), x))
   assert set(variables["params"]) == {"dwconv", "norm", "pwconv1", "pwconv2", "gamma"}
-  assert set(variables["params"]["norm"]) == {"scale", "bias"}
-  hlo = jax.jit(Block(32).apply).lower(variables, x).as_text()
+  hlo = jax.jit(modules.FusedBlock(32).apply).lower(variables, x).as_text()
   assert "faer_dw7_norm_forward" in hlo and "faer_dw7_forward" not in hlo
   variables = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), variables)
-  assert_close(jax.jit(Block(32).apply)(variables, x), Block(32, conv_impl="xla").apply(variables, x))
+  assert_close(jax.jit(modules.FusedBlock(32).apply)(variables, x), Block(32).apply(variables, x))
 
 
 def test_kernel_result_does_not_depend_on_other_examples():
@@ -92,23 +93,24 @@ def test_kernel_result_does_not_depend_on_other_examples():
   np.testing.assert_array_equal(whole[2:3], one)  # bit-identical: the sums' order is per pixel
 
 
-def test_module_auto_uses_the_kernel_on_cpu_and_matches_xla():
+def test_depthwise_modules_match_the_plain_one():
   x = jax.random.normal(jax.random.key(1), (2, 9, 11, 24))
-  variables = layers.DepthwiseConv7x7(24, impl="xla").init(jax.random.key(0), x)
+  variables = layers.DepthwiseConv(24).init(jax.random.key(0), x)
   variables = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(3), p.shape), variables)
-  apply = lambda impl: jax.jit(lambda v, x: layers.DepthwiseConv7x7(24, impl=impl).apply(v, x))
-  assert "faer_dw7_forward" in apply("auto").lower(variables, x).as_text()
-  assert_close(apply("auto")(variables, x), apply("xla")(variables, x))
-  assert_close(apply("kernel")(variables, x), apply("xla")(variables, x))
+  apply = lambda module: jax.jit(lambda v, x: module(24).apply(v, x))
+  assert "faer_dw7_forward" in apply(modules.KernelDepthwiseConv).lower(variables, x).as_text()
+  for module in (modules.KernelDepthwiseConv, modules.ShiftDepthwiseConv):
+    assert_close(apply(module)(variables, x), apply(layers.DepthwiseConv)(variables, x))
 
 
-def test_bfloat16_falls_back_to_shifts_and_explicit_kernel_refuses():
-  x = jnp.ones((1, 8, 8, 16), jnp.bfloat16)
-  module = layers.DepthwiseConv7x7(16, dtype=jnp.bfloat16)
-  variables = module.init(jax.random.key(0), x)
-  assert "faer_dw7" not in jax.jit(module.apply).lower(variables, x).as_text()
-  with pytest.raises(ValueError, match="float32"):
-    layers.DepthwiseConv7x7(16, impl="kernel", dtype=jnp.bfloat16).apply(variables, x)
+def test_bfloat16_runs_the_pure_xla_cpu_forms_and_explicit_kernel_refuses():
+  images = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+  model = create_model("test", 7, dtype=jnp.bfloat16)
+  assert model.block is modules.ShiftBlock
+  program = jax.jit(model.apply).lower(jax.eval_shape(model.init, jax.random.key(0), images), images).as_text()
+  assert "faer_" not in program
+  with pytest.raises(ValueError, match="'kernel' needs float32"):
+    create_model("test", 7, dtype=jnp.bfloat16, conv_impl="kernel")
 
 
 def test_sharded_batch_stays_local():
@@ -195,16 +197,17 @@ def test_grouped_kernel_equals_grouped_convolution(shape, groups, out):
     assert_close(g, w, what=what)
 
 
-def test_grouped_conv_module_picks_the_kernel_where_it_applies():
+def test_grouped_conv_modules_pick_the_kernel_where_it_applies():
   x = jax.random.normal(jax.random.key(0), (2, 7, 7, 64))
-  module = lambda impl, features=64: layers.GroupedConv(features, 7, groups=4, impl=impl)
-  variables = module("xla").init(jax.random.key(1), x)
+  variables = layers.GroupedConv(64, 7, groups=4).init(jax.random.key(1), x)
   lowered = lambda m, v: jax.jit(m.apply).lower(v, x).as_text()
-  assert "faer_gconv7_forward" in lowered(module("auto"), variables)
-  assert_close(jax.jit(module("auto").apply)(variables, x), module("xla").apply(variables, x))
+  kernel, split = modules.KernelGroupedConv(64, 7, groups=4), modules.SplitGroupedConv(64, 7, groups=4)
+  assert "faer_gconv7_forward" in lowered(kernel, variables)
+  for module in (kernel, split):
+    assert_close(jax.jit(module.apply)(variables, x), layers.GroupedConv(64, 7, groups=4).apply(variables, x))
   # 8 output channels per group is not a multiple of 16: four dense convs instead.
-  narrow = module("auto", 32).init(jax.random.key(1), x)
-  assert "faer_gconv7" not in lowered(module("auto", 32), narrow)
+  narrow = modules.KernelGroupedConv(32, 7, groups=4)
+  assert "faer_gconv7" not in lowered(narrow, narrow.init(jax.random.key(1), x))
 
 
 def test_grouped_kernel_gradient_is_summed_across_devices():
@@ -233,20 +236,20 @@ def test_without_the_kernels_the_model_uses_shifts(tmp_path):
   code = """
       import jax, jax.numpy as jnp
       from faer_jax import kernels
-      from faer_jax.models import layers
-      x = jnp.ones((1, 8, 8, 16))
-      m = layers.DepthwiseConv7x7(16)
-      v = m.init(jax.random.key(0), x)
-      print(kernels.available(), "faer_dw7" in jax.jit(m.apply).lower(v, x).as_text())
+      from faer_jax.models import create_model
+      x = jnp.ones((1, 32, 32, 3))
+      m = create_model("test", 7)
+      v = jax.eval_shape(m.init, jax.random.key(0), x)
+      print(kernels.available(), "faer_" in jax.jit(m.apply).lower(v, x).as_text(), m.block.__name__)
   """
   disabled = _python(code, FAER_JAX_CPU_KERNELS="0")
   assert disabled.returncode == 0, disabled.stderr
-  assert disabled.stdout.split() == ["False", "False"]
+  assert disabled.stdout.split() == ["False", "False", "ShiftBlock"]
   assert "FAER_JAX_CPU_KERNELS=0" in disabled.stderr
   # A compiler that fails: the error names the source and the command, and nothing is cached.
   broken = _python(code, CXX="false", FAER_JAX_KERNEL_CACHE=str(tmp_path))
   assert broken.returncode == 0, broken.stderr
-  assert broken.stdout.split() == ["False", "False"]
+  assert broken.stdout.split() == ["False", "False", "ShiftBlock"]
   assert "depthwise_conv.cc, grouped_conv.cc, mlp.cc, patch_conv.cc, peak.cc failed" in broken.stderr
   assert [p.suffix for p in tmp_path.iterdir()] == [".lock"]  # no library, no objects left behind
 

@@ -12,10 +12,8 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from scipy import special
 
-from faer_jax import kernels
-from faer_jax.kernels import mlp
-from faer_jax.models import layers
-from faer_jax.models.convnext import Block
+from faer_jax.kernels import mlp, modules
+from faer_jax.models import create_model, layers
 from faer_jax.testing import assert_close, custom_calls
 
 
@@ -83,7 +81,7 @@ def test_gelu_and_its_derivative_match_the_exact_functions():
 def test_block_runs_the_fused_kernel_with_the_same_drop_path_masks():
   """Training with drop path: the fused block and the XLA block agree, dropped examples included."""
   x = jax.random.normal(jax.random.key(0), (8, 6, 6, 32))
-  fused, plain = Block(32, drop_path=0.5, conv_impl="kernel"), Block(32, drop_path=0.5, conv_impl="shift")
+  fused, plain = modules.FusedBlock(32, drop_path=0.5), modules.ShiftBlock(32, drop_path=0.5)
   variables = fused.init(jax.random.key(1), x)
   variables = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.key(2), p.shape), variables)
   apply = lambda block: lambda v, x: block.apply(v, x, train=True, rngs={"dropout": jax.random.key(3)})
@@ -101,14 +99,17 @@ def test_block_runs_the_fused_kernel_with_the_same_drop_path_masks():
 
 
 def test_wide_blocks_keep_xla_matmuls():
-  x = jnp.ones((1, 2, 2, layers.FUSED_MLP_MAX_WIDTH + 128))
-  block = Block(x.shape[-1])
-  variables = jax.eval_shape(block.init, jax.random.key(0), x)
-  assert "faer_mlp" not in jax.jit(block.apply).lower(variables, x).as_text()
-  assert layers.fused_mlp_applies("auto", jnp.ones((1, 1, 1, 96)), jnp.float32, 0.1)
-  assert not layers.fused_mlp_applies("auto", jnp.ones((1, 1, 1, 96)), jnp.bfloat16, 0.1)
-  assert not layers.fused_mlp_applies("auto", jnp.ones((1, 1, 1, 40)), jnp.float32, 0.1)  # 40 % 16 != 0
-  assert not layers.fused_mlp_applies("shift", jnp.ones((1, 1, 1, 96)), jnp.float32, 0.1)
+  """The MLP kernel runs in blocks up to FUSED_MLP_MAX_WIDTH channels that are multiples of 16, in float32
+  CPU programs that use the kernels."""
+  lowered = lambda block, width: jax.jit(block.apply).lower(
+      jax.eval_shape(block.init, jax.random.key(0), jnp.ones((1, 2, 2, width))), jnp.ones((1, 2, 2, width))).as_text()
+  assert "faer_mlp" in lowered(modules.FusedBlock(96), 96)
+  assert "faer_mlp" not in lowered(modules.FusedBlock(modules.FUSED_MLP_MAX_WIDTH + 128),
+                                   modules.FUSED_MLP_MAX_WIDTH + 128)
+  assert "faer_mlp" not in lowered(modules.FusedBlock(40), 40)  # 40 % 16 != 0
+  assert create_model("test", 7).block is modules.FusedBlock
+  for kwargs in ({"conv_impl": "shift"}, {"dtype": jnp.bfloat16}, {"conv_impl": "xla"}):
+    assert create_model("test", 7, **kwargs).block is not modules.FusedBlock, kwargs
 
 
 def test_sharded_batch_stays_local_and_weight_gradients_are_summed():

@@ -8,9 +8,8 @@ import pytest
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from faer_jax import kernels
-from faer_jax.kernels import patch
-from faer_jax.models import layers
+from faer_jax.kernels import modules, patch
+from faer_jax.models import create_model, layers
 from faer_jax.testing import assert_close, custom_calls
 
 
@@ -55,15 +54,16 @@ def test_module_uses_the_kernel_where_it_applies_and_keeps_nn_conv_parameters():
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 24))
   conv = nn.Conv(32, (2, 2), strides=(2, 2), padding="VALID", kernel_init=layers.kernel_init, name="conv")
   want_params = conv.init(jax.random.key(1), x)
-  for impl, fused in (("auto", True), ("kernel", True), ("xla", False), ("shift", False)):
-    module = layers.PatchConv(32, 2, impl=impl)
+  for module, fused in ((modules.KernelPatchConv(32, 2), True), (layers.PatchConv(32, 2), False)):
     params = module.init(jax.random.key(1), x)
-    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, want_params)
+    jax.tree.map(np.testing.assert_array_equal, params, want_params)
     hlo = jax.jit(module.apply).lower(want_params, x).compile().as_text()
-    assert bool(custom_calls(hlo, "faer_patch")) == fused, impl
-    assert_close(module.apply(want_params, x), conv.apply(want_params, x), what=impl)
-  # Where the kernels do not apply (bfloat16, 24 outputs) the module is nn.Conv.
-  for module, x_ in ((layers.PatchConv(32, 2, dtype=jnp.bfloat16), x), (layers.PatchConv(24, 2), x)):
+    assert bool(custom_calls(hlo, "faer_patch")) == fused, module
+    assert_close(module.apply(want_params, x), conv.apply(want_params, x), what=type(module).__name__)
+  for conv_impl, fused in (("auto", True), ("kernel", True), ("xla", False), ("shift", False)):
+    assert (create_model("test", 7, conv_impl=conv_impl).patch_conv is modules.KernelPatchConv) == fused
+  # Where the kernels do not apply (bfloat16, 24 outputs) the module is the plain conv.
+  for module, x_ in ((modules.KernelPatchConv(32, 2, dtype=jnp.bfloat16), x), (modules.KernelPatchConv(24, 2), x)):
     params = module.init(jax.random.key(1), x_)
     assert not custom_calls(jax.jit(module.apply).lower(params, x_).compile().as_text(), "faer_patch")
 

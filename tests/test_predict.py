@@ -74,7 +74,7 @@ def test_csv_output(trained, synth_root, capsys):  # noqa: F811
 
 @pytest.mark.parametrize("layer", ["cc_attention", "stage4"])
 def test_gradcam_matches_a_direct_pytorch_computation(layer, torch):
-  from faer_jax.interop.torch_reference import create_torch_model  # pylint: disable=g-import-not-at-top
+  from faer_jax.interop.torch_reference import create_torch_model
   torch.manual_seed(0)
   torch_model = create_torch_model("test", 7).eval()
   with torch.no_grad():

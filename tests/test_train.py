@@ -4,6 +4,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -266,8 +267,8 @@ def test_training_starts_from_a_pretrained_pytorch_checkpoint(synth_root, tmp_pa
   """model.pretrained: an official ConvNeXt release ({'model': backbone + norm + 1000-class head}) fills the
   backbone and the final norm; CC Attention and the 7-class head keep their initialisation (learning rate 0, so
   the first step leaves every parameter where it started)."""
-  from faer_jax.interop import to_torch_state_dict  # pylint: disable=g-import-not-at-top
-  from faer_jax.interop.torch_reference import create_torch_model  # pylint: disable=g-import-not-at-top
+  from faer_jax.interop import to_torch_state_dict
+  from faer_jax.interop.torch_reference import create_torch_model
   torch.manual_seed(0)
   release = create_torch_model("test", 1000)
   with torch.no_grad():
@@ -289,6 +290,34 @@ def test_training_starts_from_a_pretrained_pytorch_checkpoint(synth_root, tmp_pa
   for key in loaded:
     if key.startswith(("attention.", "head.")):
       np.testing.assert_array_equal(loaded[key], fresh[key], err_msg=key)
+
+
+def test_a_tree_without_the_cpu_kernels_trains(synth_root, tmp_path):
+  """The CPU fast path sits behind one seam: with faer_jax/kernels/ deleted, the model takes its plain layers and
+  the demo recipe trains and saves."""
+  tree = tmp_path / "tree"
+  shutil.copytree(os.path.join(REPO, "faer_jax"), tree / "faer_jax",
+                  ignore=lambda folder, names: [n for n in names if n == "__pycache__" or
+                                                os.path.join(folder, n) == os.path.join(REPO, "faer_jax", "kernels")])
+  shutil.copytree(os.path.join(REPO, "configs"), tree / "configs")
+  assert not (tree / "faer_jax" / "kernels").exists()
+  env = dict(os.environ, PYTHONPATH=str(tree), XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             JAX_PLATFORMS="cpu")
+  # The copy, and nothing else, is faer_jax: the editable install's finder would supply the missing folder.
+  only_the_copy = "import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'Editable' not in str(f)]; "
+  probe = only_the_copy + "import faer_jax.models as m; print(m.__file__, m.create_model('test', 7).block.__name__)"
+  result = subprocess.run([sys.executable, "-c", probe], env=env, cwd=tree, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.split() == [str(tree / "faer_jax" / "models" / "__init__.py"), "Block"]
+  args = cli_args(synth_root, tmp_path / "run", num_train_steps=2, eval_every_steps=2, checkpoint_every_steps=2)
+  args[1] = str(tree / "configs" / "demo.py")
+  train_main = only_the_copy + ("import runpy; sys.argv[0] = 'train'; "
+                                "runpy.run_module('faer_jax.train', run_name='__main__')")
+  result = subprocess.run([sys.executable, "-c", train_main, *args], env=env, cwd=tree, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert json.loads(result.stdout.splitlines()[-1])["num_examples"] == SHRINK["data.synthetic_num_test"]
+  assert os.path.isdir(tmp_path / "run" / "checkpoints" / "2")
 
 
 def test_progress_is_plain_lines_off_a_terminal(tmp_path):

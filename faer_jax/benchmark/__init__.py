@@ -58,19 +58,19 @@ def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   if argv and argv[0] == "input":
     # Owned by the data pipeline; imported lazily so `train` never pays for grain.
-    from faer_jax.data import input_benchmark  # pylint: disable=g-import-not-at-top
+    from faer_jax.data import input_benchmark
     return input_benchmark.main(argv[1:])
   if argv and argv[0] == "train":
-    from faer_jax.benchmark import train  # pylint: disable=g-import-not-at-top
+    from faer_jax.benchmark import train
     return train.main(argv[1:])
   if argv and argv[0] == "gemm":
-    from faer_jax.benchmark import gemm  # pylint: disable=g-import-not-at-top
+    from faer_jax.benchmark import gemm
     return gemm.main(argv[1:])
   if argv and argv[0] == "profile":
-    from faer_jax.benchmark import profile  # pylint: disable=g-import-not-at-top
+    from faer_jax.benchmark import profile
     return profile.main(argv[1:])
   if argv and argv[0] == "layers":
-    from faer_jax.benchmark import layers  # pylint: disable=g-import-not-at-top
+    from faer_jax.benchmark import layers
     return layers.main(argv[1:])
   print(__doc__, file=sys.stderr)
   return 0 if argv and argv[0] in ("-h", "--help") else 2

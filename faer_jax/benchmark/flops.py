@@ -37,10 +37,10 @@ def cpu_peak_flops() -> float | None:
   faer_jax/kernels/peak.cc; the best of three runs (another job on the machine
   only lowers a run). None where the C++ kernels are unavailable.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
 
-  from faer_jax import kernels  # pylint: disable=g-import-not-at-top
+  from faer_jax import kernels
   if jax.default_backend() != "cpu" or not kernels.available():
     return None
   measure = jax.jit(lambda: jax.ffi.ffi_call("faer_peak_flops", jax.ShapeDtypeStruct((), jnp.float32),
@@ -58,7 +58,7 @@ def xla_flops(stage: Any) -> float | None:
   """
   try:
     analysis = stage.cost_analysis()
-  except Exception:  # pylint: disable=broad-except  # not every backend implements it
+  except Exception:  # noqa: BLE001  # not every backend implements it
     return None
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0] if analysis else None

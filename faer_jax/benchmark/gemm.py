@@ -74,18 +74,18 @@ def products(hlo: str) -> tuple[collections.Counter, float]:
 
 def run(args: argparse.Namespace) -> dict:
   applied = threads.limit_threads(args.threads)
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import torch
 
-  from faer_jax.benchmark import train as train_bench  # pylint: disable=g-import-not-at-top
+  from faer_jax.benchmark import train as train_bench
 
   torch.set_num_threads(applied["threads"])
-  bench_args = train_bench._parser().parse_args([  # pylint: disable=protected-access
+  bench_args = train_bench._parser().parse_args([
       "--variant", args.variant, "--batch-size", str(args.batch_size), "--image-size", str(args.image_size),
       "--num-classes", str(args.num_classes)])
-  bench = train_bench._JaxBench(bench_args)  # pylint: disable=protected-access
+  bench = train_bench._JaxBench(bench_args)
   compiled = bench.train_step if args.phase == "train" else bench.eval_forward
   gemms, conv_flops = products(compiled.as_text())
 

@@ -8,7 +8,7 @@ CC Attention's 7x7 conv with 4 groups) and for each stage's block MLP (Dense
 4C, GELU, Dense C, layer scale, residual add), at the shapes a `--variant`
 model sees at `--image-size`, times the forward and the forward + backward
 (gradients of the input and the parameters) of each implementation in
-faer_jax.models.layers / faer_jax.kernels and of the same torch modules
+faer_jax.models.layers and faer_jax.kernels.modules and of the same torch modules
 (Conv2d in NCHW, Linear on channels-last rows, as the original runs them),
 round after round, alternating. These are the measurements behind the
 choices of `conv_impl='auto'` on CPU (benchmarks/README.md).
@@ -23,7 +23,7 @@ from typing import Sequence
 
 from faer_jax.benchmark import add_shape_args, at_least, threads
 
-# The implementations of each kind of convolution in faer_jax.models.layers.
+# The implementations of each kind of layer: 'xla' the plain layers, the others faer_jax.kernels.modules.
 _IMPLS = {"depthwise": ("xla", "shift", "kernel"), "grouped": ("xla", "split", "kernel"), "mlp": ("xla", "kernel")}
 
 
@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cases(variant: str, batch: int, size: int) -> list[tuple[str, str, tuple[int, ...], dict]]:
   """(kind, label, NHWC input shape, module kwargs) for every grouped conv of the model."""
-  from faer_jax.models import get_variant  # pylint: disable=g-import-not-at-top
+  from faer_jax.models import get_variant
   dims = get_variant(variant).dims
   cases = []
   for i, dim in enumerate(dims):
@@ -58,11 +58,11 @@ def _cases(variant: str, batch: int, size: int) -> list[tuple[str, str, tuple[in
 
 def _mlp_fns(impl: str, shape: tuple[int, ...]):
   """The block's pointwise half, shortcut + gamma * (gelu(x w1 + b1) w2 + b2), as XLA ops or the kernel."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
 
-  from faer_jax.kernels import mlp  # pylint: disable=g-import-not-at-top
-  from faer_jax.models import layers  # pylint: disable=g-import-not-at-top
+  from faer_jax.kernels import mlp
+  from faer_jax.models import layers
   c = shape[-1]
   ks = jax.random.split(jax.random.key(0), 3)
   x, shortcut = jax.random.normal(ks[0], shape), jax.random.normal(ks[1], shape)
@@ -81,11 +81,15 @@ def _mlp_fns(impl: str, shape: tuple[int, ...]):
 def _jax_fns(kind: str, impl: str, shape: tuple[int, ...], kwargs: dict):
   if kind == "mlp":
     return _mlp_fns(impl, shape)
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
 
-  from faer_jax.models import layers  # pylint: disable=g-import-not-at-top
-  module = {"depthwise": layers.DepthwiseConv7x7, "grouped": layers.GroupedConv}[kind](impl=impl, **kwargs)
+  from faer_jax.kernels import modules
+  from faer_jax.models import layers
+  module = {("depthwise", "xla"): layers.DepthwiseConv, ("depthwise", "shift"): modules.ShiftDepthwiseConv,
+            ("depthwise", "kernel"): modules.KernelDepthwiseConv, ("grouped", "xla"): layers.GroupedConv,
+            ("grouped", "split"): modules.SplitGroupedConv,
+            ("grouped", "kernel"): modules.KernelGroupedConv}[kind, impl](**kwargs)
   x = jax.random.normal(jax.random.key(0), shape)
   variables = module.init(jax.random.key(1), x[:1])
   forward = jax.jit(module.apply)
@@ -95,7 +99,7 @@ def _jax_fns(kind: str, impl: str, shape: tuple[int, ...], kwargs: dict):
 
 
 def _torch_mlp_fns(shape: tuple[int, ...]):
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
   c = shape[-1]
   fc1, act, fc2 = torch.nn.Linear(c, 4 * c), torch.nn.GELU(), torch.nn.Linear(4 * c, c)
   gamma = torch.nn.Parameter(torch.full((c,), 1e-6))
@@ -117,7 +121,7 @@ def _torch_mlp_fns(shape: tuple[int, ...]):
 def _torch_fns(kind: str, shape: tuple[int, ...], kwargs: dict):
   if kind == "mlp":
     return _torch_mlp_fns(shape)
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
   n, h, w, c = shape
   groups = c if kind == "depthwise" else kwargs["groups"]
   conv = torch.nn.Conv2d(c, kwargs["features"], 7, padding=3, groups=groups)
@@ -137,7 +141,7 @@ def _torch_fns(kind: str, shape: tuple[int, ...], kwargs: dict):
 
 def run(args: argparse.Namespace) -> list[dict]:
   applied = threads.limit_threads(args.threads)
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
   torch.set_num_threads(applied["threads"])
   clock = time.process_time if args.clock == "cpu" else time.perf_counter
   only = set(filter(None, args.only.split(",")))
@@ -145,7 +149,7 @@ def run(args: argparse.Namespace) -> list[dict]:
   for kind, label, shape, kwargs in _cases(args.variant, args.batch_size, args.image_size):
     if only and kind not in only:
       continue
-    from faer_jax import kernels  # pylint: disable=g-import-not-at-top
+    from faer_jax import kernels
     impls = [i for i in _IMPLS[kind] if i != "kernel" or kernels.available()]
     fns = {impl: _jax_fns(kind, impl, shape, kwargs) for impl in impls}
     fns["torch"] = _torch_fns(kind, shape, kwargs)

@@ -112,11 +112,11 @@ def summarise(times: dict[str, list[float]], groups: dict[str, tuple[str, str]],
 
 def run(args: argparse.Namespace) -> dict:
   applied = threads.limit_threads(args.threads)  # before jax loads
-  from faer_jax import cpu_memory  # pylint: disable=g-import-not-at-top
+  from faer_jax import cpu_memory
   cpu_memory.keep_freed_memory()
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
 
-  from faer_jax.benchmark.train import _JaxBench  # pylint: disable=g-import-not-at-top
+  from faer_jax.benchmark.train import _JaxBench
   bench_args = argparse.Namespace(variant=args.variant, batch_size=args.batch_size, image_size=args.image_size,
                                   num_classes=args.num_classes, dtype=args.dtype, conv_impl=args.conv_impl,
                                   compiler_option=[])
@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> dict:
     raise RuntimeError(f"jax.profiler wrote no perfetto_trace.json.gz under {trace_dir}.")
   rows = summarise(thunk_times(paths[-1], args.steps), instruction_groups(compiled.as_text()), args.by_shape)
   if not args.trace_dir:
-    import shutil  # pylint: disable=g-import-not-at-top
+    import shutil
     shutil.rmtree(trace_dir, ignore_errors=True)
   for row in rows:
     row["calls"] //= args.steps

@@ -92,9 +92,9 @@ def _compiler_options(pairs: Sequence[str]) -> dict[str, str]:
 
 def _steps(model, tx):
   """The training step (loss, gradients, AdamW update) and the eval forward of `model`."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  import optax
 
   def train_step(state, images, labels):
     params, opt_state = state
@@ -122,11 +122,11 @@ class _JaxBench:
 
   def __init__(self, args: argparse.Namespace, phases: Sequence[str] = ("train", "eval"),
                count_flops: bool = True):
-    import jax  # pylint: disable=g-import-not-at-top
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    import optax  # pylint: disable=g-import-not-at-top
+    import jax
+    import jax.numpy as jnp
+    import optax
 
-    from faer_jax.models import create_model  # pylint: disable=g-import-not-at-top
+    from faer_jax.models import create_model
 
     self._jax = jax
     # One device, even when tests simulate several: the figure is per chip.
@@ -158,11 +158,11 @@ class _JaxBench:
       self._count_flops(args, dtype, model, tx, params, counted_train, counted_eval)
 
   def _count_flops(self, args, dtype, model, tx, params, counted_train, counted_eval) -> None:
-    import jax  # pylint: disable=g-import-not-at-top
+    import jax
 
-    from faer_jax.benchmark.flops import xla_flops  # pylint: disable=g-import-not-at-top
-    from faer_jax.models import create_model  # pylint: disable=g-import-not-at-top
-    if jax.default_backend() == "cpu" and model.conv_impl in ("auto", "kernel"):
+    from faer_jax.benchmark.flops import xla_flops
+    from faer_jax.models import create_model
+    if jax.default_backend() == "cpu" and args.conv_impl in ("auto", "kernel"):
       # ...except where it runs the C++ kernels, whose calls XLA counts as zero
       # FLOPs: then the same step built from the pure-XLA layers ('shift': the
       # depthwise conv as its 49 multiply-adds, the grouped conv as dense ones
@@ -197,7 +197,7 @@ class UsageError(ValueError):
 
 def _torch_device(requested: str, jax_platform: str | None) -> str:
   """'cpu' or 'cuda' for `--torch-device requested`, JAX running on `jax_platform` (None: not at all)."""
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
   has_cuda = torch.cuda.is_available()
   if requested == "cuda" and not has_cuda:
     raise UsageError("--torch-device cuda: this torch sees no CUDA device "
@@ -215,12 +215,12 @@ class _TorchBench:
   """
 
   def __init__(self, args: argparse.Namespace, num_threads: int, device: str):
-    import torch  # pylint: disable=g-import-not-at-top
-    import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+    import torch
+    import torch.nn.functional as F
 
-    from faer_jax.interop import external  # pylint: disable=g-import-not-at-top
-    from faer_jax.interop.torch_reference import create_torch_model  # pylint: disable=g-import-not-at-top
-    from faer_jax.models import get_variant  # pylint: disable=g-import-not-at-top
+    from faer_jax.interop import external
+    from faer_jax.interop.torch_reference import create_torch_model
+    from faer_jax.models import get_variant
 
     torch.set_num_threads(num_threads)
     torch.manual_seed(0)
@@ -295,7 +295,7 @@ def _interleaved(benches: dict[str, object], phases: Sequence[str], warmup: int,
 def run(args: argparse.Namespace) -> dict:
   """Runs the benchmark and returns the figures (the keys of the --json output)."""
   applied = threads.limit_threads(args.threads)  # before jax and torch load
-  from faer_jax.benchmark.flops import cpu_peak_flops, peak_flops  # pylint: disable=g-import-not-at-top
+  from faer_jax.benchmark.flops import cpu_peak_flops, peak_flops
 
   keeps_memory = args.malloc == "keep" and cpu_memory.keep_freed_memory()
   phases = [p for p, skip in (("train", args.skip_train), ("eval", args.skip_eval)) if not skip]
@@ -305,7 +305,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.framework == "both":
       # Should both run on one GPU, JAX must not take most of its memory when it starts.
       os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-      import jax  # pylint: disable=g-import-not-at-top
+      import jax
       jax_platform = jax.default_backend()
     torch_device = _torch_device(args.torch_device, jax_platform)
   # PyTorch's model first: a --torch-model that cannot be built fails before minutes of compiling.
@@ -327,13 +327,13 @@ def run(args: argparse.Namespace) -> dict:
       "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
   }
   if "torch" in benches:
-    import torch  # pylint: disable=g-import-not-at-top
+    import torch
     result.update(torch_version=torch.__version__, torch_model=torch_bench.name, torch_device=torch_bench.device,
                   torch_device_name=(torch.cuda.get_device_name() if torch_bench.device == "cuda" else None))
   jax_bench = benches.get("jax")
   if jax_bench is not None:
-    import jax  # pylint: disable=g-import-not-at-top
-    from faer_jax import kernels  # pylint: disable=g-import-not-at-top
+    import jax
+    from faer_jax import kernels
     uses_kernels = jax_bench.device.platform == "cpu" and args.conv_impl in ("auto", "kernel")
     result.update(jax_version=jax.__version__, device=jax_bench.device.device_kind,
                   platform=jax_bench.device.platform, conv_impl=args.conv_impl,

@@ -56,7 +56,7 @@ class TorchFaces:
     return len(self._paths)
 
   def __getitem__(self, index: int):
-    import torch  # pylint: disable=g-import-not-at-top
+    import torch
 
     with Image.open(self._paths[index]) as image:
       image = image.convert("RGB").resize((self._size, self._size),
@@ -73,7 +73,7 @@ class TorchFaces:
 
 
 def _torch_batches(source, args) -> Iterator:
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
 
   # What DataLoader sets in its workers; with num_workers=0 the per-image
   # ops run here, where two intra-op threads on tiny tensors took 15 ms per
@@ -148,7 +148,7 @@ def _decoders(image_size: int) -> dict[str, Callable[[bytes], np.ndarray]]:
 
   decoders = {"pillow": pil, "pillow_draft": pil_draft}
   try:
-    import simplejpeg  # pylint: disable=g-import-not-at-top
+    import simplejpeg
     decoders["simplejpeg"] = lambda data: simplejpeg.decode_jpeg(
         data, colorspace="RGB")
     decoders["simplejpeg_scaled"] = lambda data: simplejpeg.decode_jpeg(
@@ -156,7 +156,7 @@ def _decoders(image_size: int) -> dict[str, Callable[[bytes], np.ndarray]]:
   except ImportError:
     pass
   try:
-    import cv2  # pylint: disable=g-import-not-at-top
+    import cv2
     cv2.setNumThreads(1)
     decoders["opencv"] = lambda data: cv2.cvtColor(
         cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR),

@@ -48,7 +48,7 @@ def tfds_splits(root: str, name: str) -> tuple[str, ...]:
   Raises:
     DataError: the dataset is not prepared under `root`.
   """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds
 
   _check_prepared(root, name)
   try:
@@ -124,7 +124,7 @@ class TfdsSource:
 
   def _data_source(self):
     if self._reader is None:
-      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+      import tensorflow_datasets as tfds
 
       _check_prepared(self.root, self.name)
       try:

@@ -89,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _save_variables(out: str, variables, variant: str, num_classes: int) -> None:
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp
   out = os.path.abspath(out)
   if os.path.exists(out):
     raise FileExistsError(f"{out!r} already exists; choose a new --out directory.")
@@ -103,8 +103,8 @@ def _save_variables(out: str, variables, variant: str, num_classes: int) -> None
 
 def load_imported(directory: str, variant: str | None = None, num_classes: int | None = None):
   """(variables, variant, num_classes) from a directory written by `import`."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  import jax
+  import orbax.checkpoint as ocp
   directory = os.path.abspath(directory)
   meta_path = os.path.join(directory, "model.json")
   meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
@@ -119,16 +119,16 @@ def load_imported(directory: str, variant: str | None = None, num_classes: int |
 
 def _write_state_dict(state_dict: dict, out: str) -> None:
   if out.endswith(".safetensors"):
-    from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+    from safetensors.numpy import save_file
     save_file(state_dict, out)
     return
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
   torch.save({k: torch.from_numpy(v) for k, v in state_dict.items()}, out)
 
 
 def _perturb(model, seed: int):
   """`model` in eval mode with every parameter moved by N(0, 0.05) noise drawn from `seed`."""
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
   generator = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for p in model.parameters():
@@ -150,8 +150,8 @@ def _load_torch_side(torch_model, state_dict: dict, checkpoint: str, require_all
   is loaded, so that the PyTorch side reads the file on its own path (torch's
   load_state_dict, not the Flax side's table) and a mapping error shows.
   """
-  import torch  # pylint: disable=g-import-not-at-top
-  from faer_jax.interop import mapping  # pylint: disable=g-import-not-at-top
+  import torch
+  from faer_jax.interop import mapping
   own = torch_model.state_dict()
   timm = mapping.is_timm_layout(mapping.strip_wrappers(k) for k in state_dict)
   candidates = []
@@ -174,7 +174,7 @@ def _gradient_diffs(flax_grads: dict, torch_model) -> dict:
   arithmetic, e.g. of biases that add a constant over the positions CC
   Attention's softmax normalises over, and are rounding noise in both).
   """
-  from faer_jax.interop import mapping  # pylint: disable=g-import-not-at-top
+  from faer_jax.interop import mapping
   named = [(n, p.grad) for n, p in torch_model.named_parameters() if p.grad is not None]
   timm = mapping.is_timm_layout(mapping.strip_wrappers(n) for n, _ in named)
   pairs = []
@@ -208,7 +208,7 @@ def check(variant: str, num_classes: int, torch_checkpoint: str | None = None, b
   model is built with `conv_impl`; with `float64` both sides compute in
   float64 from the same (float32) weights.
   """
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
   if float64:
     with jax.enable_x64(True):
       return _check(variant, num_classes, torch_checkpoint, batch_size, image_size, seed, torch_model,
@@ -219,12 +219,12 @@ def check(variant: str, num_classes: int, torch_checkpoint: str | None = None, b
 
 def _check(variant, num_classes, torch_checkpoint, batch_size, image_size, seed, torch_model, torch_model_kwargs,
            gradients, conv_impl, dtype) -> dict:
-  import jax  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
-  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
-  from faer_jax.interop import external  # pylint: disable=g-import-not-at-top
-  from faer_jax.interop.torch_reference import create_torch_model  # pylint: disable=g-import-not-at-top
+  import jax
+  import optax
+  import torch
+  import torch.nn.functional as F
+  from faer_jax.interop import external
+  from faer_jax.interop.torch_reference import create_torch_model
   feature_dim = get_variant(variant).dims[-1]
   model = create_model(variant, num_classes, conv_impl=conv_impl, dtype=dtype)
   torch.manual_seed(seed)  # the model's own initialisation

@@ -61,14 +61,14 @@ def _import(spec: str):
       module = importlib.util.module_from_spec(module_spec)
       sys.modules[module_name] = module  # dataclasses and pickling look their module up
       module_spec.loader.exec_module(module)
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:  # noqa: BLE001
       sys.modules.pop(module_name, None)
       raise ExternalModelError(f"--torch-model {spec!r}: importing {path} failed: {type(e).__name__}: {e}") from e
   else:
     where = target
     try:
       module = importlib.import_module(target)
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:  # noqa: BLE001
       raise ExternalModelError(f"--torch-model {spec!r}: importing {target} failed: {type(e).__name__}: {e}") from e
   obj = module
   for part in name.split("."):
@@ -82,12 +82,12 @@ def _import(spec: str):
 
 def load_torch_model(spec: str, kwargs: dict[str, Any] | None = None):
   """`NAME(**kwargs)` from SPEC (see the module docstring), checked to be a torch.nn.Module."""
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
   factory = _import(spec)
   kwargs = kwargs or {}
   try:
     model = factory(**kwargs)
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:  # noqa: BLE001
     raise ExternalModelError(f"--torch-model {spec!r}: {spec.rpartition(':')[2]}(**{kwargs!r}) failed: "
                              f"{type(e).__name__}: {e} (arguments go in --torch-model-kwargs).") from e
   if not isinstance(model, torch.nn.Module):
@@ -96,7 +96,7 @@ def load_torch_model(spec: str, kwargs: dict[str, Any] | None = None):
 
 
 def _tensors(outputs) -> list:
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
   if isinstance(outputs, torch.Tensor):
     return [outputs]
   if isinstance(outputs, dict):
@@ -122,7 +122,7 @@ def features_and_logits(outputs, batch_size: int, num_classes: int, feature_dim:
 
 def adapted(model, num_classes: int, feature_dim: int):
   """`model` wrapped so that its forward returns (features or None, logits), as the reference's does."""
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
 
   class _Adapted(torch.nn.Module):
 
@@ -142,7 +142,7 @@ def parameter_count(model) -> int:
 
 def check_sizes(model, variant: str, num_classes: int) -> None:
   """Raises ExternalModelError unless `model` has as many parameters as the reference of `variant`."""
-  from faer_jax.interop.torch_reference import create_torch_model  # pylint: disable=g-import-not-at-top
+  from faer_jax.interop.torch_reference import create_torch_model
   expected = parameter_count(create_torch_model(variant, num_classes))
   found = parameter_count(model)
   if found != expected:

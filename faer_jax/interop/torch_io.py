@@ -45,21 +45,21 @@ def _is_safetensors(path: str) -> bool:
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+  from safetensors import safe_open
   try:
     with safe_open(path, framework="numpy") as f:
       return {k: _to_numpy(f.get_tensor(k)) for k in f.keys()}
   except Exception as e:  # bfloat16 has no numpy dtype: read those through torch.
     if "bf16" not in str(e).lower() and "bfloat16" not in str(e).lower():
       raise CheckpointError(f"{path!r} is not a readable safetensors file: {e}") from e
-    torch = _import_torch(path)
+    _import_torch(path)  # the error names the file where torch is missing
     with safe_open(path, framework="pt") as f:
       return {k: _to_numpy(f.get_tensor(k)) for k in f.keys()}
 
 
 def _import_torch(path: str):
   try:
-    import torch  # pylint: disable=g-import-not-at-top
+    import torch
   except ImportError as e:
     raise CheckpointError(
         f"Reading {path!r} needs PyTorch, which is not installed: pip install 'faer-jax[torch]' "
@@ -90,7 +90,7 @@ def _safe_numpy_globals() -> list:
 
   Rebuilding them only constructs data; no other global is allowed.
   """
-  import numpy.core.multiarray as multiarray  # pylint: disable=g-import-not-at-top
+  import numpy.core.multiarray as multiarray
   dtypes = [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")]
   return [multiarray.scalar, np.dtype, *dtypes]
 

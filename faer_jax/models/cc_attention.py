@@ -19,22 +19,18 @@ import jax
 import jax.numpy as jnp
 
 from faer_jax.models import layers
+from faer_jax.models.layers import ModuleDef
 
 Dtype = Any
 
 
 class CCAttention(nn.Module):
-  """CC Attention over the last stage's map; `conv_impl` picks the grouped conv's implementation.
-
-  'auto' (the default) runs the groups-4 conv through a C++ kernel on CPU
-  (four dense convs where it does not apply) and as one grouped conv
-  elsewhere (see layers.GroupedConv); the parameters and the numbers are the
-  same either way.
-  """
+  """CC Attention over the last stage's map; `grouped_conv` and `norm_layer` build its conv and its norm."""
 
   dim: int
   dtype: Dtype = jnp.float32
-  conv_impl: str = "auto"
+  grouped_conv: ModuleDef = layers.GroupedConv
+  norm_layer: ModuleDef = layers.LayerNorm
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -47,9 +43,9 @@ class CCAttention(nn.Module):
 
     # Named 'depthwise' in the original, but it has 4 groups, not C: its torch
     # weight is (C, C/4, 7, 7).
-    query = layers.GroupedConv(self.dim, 7, groups=4, impl=self.conv_impl, dtype=self.dtype, name="depthwise")(x)
+    query = self.grouped_conv(self.dim, 7, groups=4, dtype=self.dtype, name="depthwise")(x)
     # torch.nn.LayerNorm's default eps (1e-5), unlike the backbone's 1e-6.
-    query = layers.layer_norm(1e-5, self.dtype, "norm")(layers.gelu(query))
+    query = self.norm_layer(1e-5, dtype=self.dtype, name="norm")(layers.gelu(query))
 
     # Softmax over the H*W positions, separately per example and channel. In
     # float32 at least whatever the compute dtype, as torch autocast does for softmax.

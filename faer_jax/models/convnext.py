@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from faer_jax.kernels import mlp as kernel_mlp
 from faer_jax.models import layers
+from faer_jax.models.layers import ModuleDef
 
 Dtype = Any
 
@@ -54,58 +54,47 @@ def get_variant(name: str) -> VariantSpec:
 
 
 class Block(nn.Module):
-  """dwconv 7x7 -> LN(1e-6) -> Dense 4C -> GELU(erf) -> Dense C -> gamma -> drop path -> + x.
+  """dwconv 7x7 -> LayerNorm (eps 1e-6) -> Dense 4C -> GELU (erf) -> Dense C -> gamma -> drop path -> + x.
 
-  With the CPU kernels (conv_impl 'kernel', or 'auto' on CPU) the depthwise
-  conv runs fused with the LayerNorm, and in blocks up to
-  layers.FUSED_MLP_MAX_WIDTH channels everything after it (Dense, GELU, Dense,
-  gamma, drop path, residual add) runs as one kernel (faer_jax.kernels.mlp);
-  same parameters, same function.
+  `depthwise_conv` and `norm_layer` build the conv and the norm: the plain
+  layers by default, or others with the same parameters (see
+  faer_jax.models.implementations).
   """
 
   dim: int
   drop_path: float = 0.0
   layer_scale_init_value: float = 1e-6
   dtype: Dtype = jnp.float32
-  conv_impl: str = "auto"
+  depthwise_conv: ModuleDef = layers.DepthwiseConv
+  norm_layer: ModuleDef = layers.LayerNorm
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     shortcut = x
-    norm = layers.layer_norm(1e-6, self.dtype, "norm")
-    x = layers.DepthwiseConv7x7(self.dim, impl=self.conv_impl, dtype=self.dtype, name="dwconv")(x, norm)
-    fc1 = layers.dense(4 * self.dim, self.dtype, "pwconv1")
-    fc2 = layers.dense(self.dim, self.dtype, "pwconv2")
-    drop_path = layers.DropPath(self.drop_path, name="drop_path")
-    layer_scale = lambda: self.param("gamma", nn.initializers.constant(self.layer_scale_init_value),
-                                     (self.dim,), jnp.float32)
-    if not self.is_initializing() and layers.fused_mlp_applies(
-        self.conv_impl, x, self.dtype, self.drop_path if train else 0.0):
-      p1, p2 = fc1.variables["params"], fc2.variables["params"]
-      gamma = layer_scale() if self.layer_scale_init_value > 0 else jnp.ones((self.dim,), jnp.float32)
-      dropping = drop_path.active(deterministic=not train)
-      mask = drop_path.mask(x).reshape(-1) if dropping else None
-      return kernel_mlp.mlp_residual(x, p1["kernel"], p1["bias"], p2["kernel"], p2["bias"], gamma, shortcut,
-                                     mask, 1.0 - self.drop_path if dropping else 1.0)
-    x = fc2(layers.gelu(fc1(x)))
+    x = self.depthwise_conv(self.dim, 7, dtype=self.dtype, name="dwconv")(x)
+    x = self.norm_layer(1e-6, dtype=self.dtype, name="norm")(x)
+    x = layers.dense(4 * self.dim, self.dtype, "pwconv1")(x)
+    x = layers.dense(self.dim, self.dtype, "pwconv2")(layers.gelu(x))
     if self.layer_scale_init_value > 0:
-      x = x * layer_scale().astype(self.dtype)
-    x = drop_path(x, deterministic=not train)
+      x = x * self.param("gamma", nn.initializers.constant(self.layer_scale_init_value), (self.dim,),
+                         jnp.float32).astype(self.dtype)
+    x = layers.DropPath(self.drop_path, name="drop_path")(x, deterministic=not train)
     return shortcut + x
 
 
 class Downsample(nn.Module):
-  """The stem (4x4 stride-4 conv, then LN) or a stage's downsampling (LN, then 2x2 stride-2 conv)."""
+  """The stem (4x4 stride-4 conv, then LayerNorm) or a stage's downsampling (LayerNorm, then 2x2 stride-2 conv)."""
 
   dim: int
   stem: bool
   dtype: Dtype = jnp.float32
-  conv_impl: str = "auto"
+  patch_conv: ModuleDef = layers.PatchConv
+  norm_layer: ModuleDef = layers.LayerNorm
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    conv = layers.PatchConv(self.dim, 4 if self.stem else 2, impl=self.conv_impl, dtype=self.dtype, name="conv")
-    norm = layers.layer_norm(1e-6, self.dtype, "norm")
+    conv = self.patch_conv(self.dim, 4 if self.stem else 2, dtype=self.dtype, name="conv")
+    norm = self.norm_layer(1e-6, dtype=self.dtype, name="norm")
     return norm(conv(x)) if self.stem else conv(norm(x))
 
 
@@ -116,13 +105,13 @@ class Stage(nn.Module):
   drop_path_rates: Sequence[float]
   layer_scale_init_value: float = 1e-6
   dtype: Dtype = jnp.float32
-  conv_impl: str = "auto"
+  block: ModuleDef = Block
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     for j, rate in enumerate(self.drop_path_rates):
-      x = Block(self.dim, drop_path=rate, layer_scale_init_value=self.layer_scale_init_value,
-                dtype=self.dtype, conv_impl=self.conv_impl, name=f"blocks_{j}")(x, train)
+      x = self.block(self.dim, drop_path=rate, layer_scale_init_value=self.layer_scale_init_value,
+                     dtype=self.dtype, name=f"blocks_{j}")(x, train)
     return x
 
 
@@ -131,6 +120,7 @@ class ConvNeXt(nn.Module):
 
   The global pooling, final norm and head belong to the model that uses the
   backbone (FAER puts CC Attention between the last stage and the pooling).
+  `block`, `patch_conv` and `norm_layer` build its parts (see Block).
   """
 
   depths: Sequence[int]
@@ -138,7 +128,9 @@ class ConvNeXt(nn.Module):
   drop_path_rate: float = 0.0
   layer_scale_init_value: float = 1e-6
   dtype: Dtype = jnp.float32
-  conv_impl: str = "auto"
+  block: ModuleDef = Block
+  patch_conv: ModuleDef = layers.PatchConv
+  norm_layer: ModuleDef = layers.LayerNorm
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
@@ -148,9 +140,9 @@ class ConvNeXt(nn.Module):
     x = images.astype(self.dtype)
     start = 0
     for i, (depth, dim) in enumerate(zip(self.depths, self.dims)):
-      x = Downsample(dim, stem=(i == 0), dtype=self.dtype, conv_impl=self.conv_impl,
+      x = Downsample(dim, stem=(i == 0), dtype=self.dtype, patch_conv=self.patch_conv, norm_layer=self.norm_layer,
                      name=f"downsample_layers_{i}")(x)
-      x = Stage(dim, tuple(rates[start:start + depth]), self.layer_scale_init_value, self.dtype,
-                self.conv_impl, name=f"stages_{i}")(x, train)
+      x = Stage(dim, tuple(rates[start:start + depth]), self.layer_scale_init_value, self.dtype, self.block,
+                name=f"stages_{i}")(x, train)
       start += depth
     return x

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 
 from faer_jax.models import layers
 from faer_jax.models.cc_attention import CCAttention
-from faer_jax.models.convnext import ConvNeXt
+from faer_jax.models.convnext import Block, ConvNeXt
+from faer_jax.models.layers import ModuleDef
 
 Dtype = Any
 
@@ -24,6 +25,10 @@ class FAER(nn.Module):
   feature extraction (`apply(..., method=FAER.extract)` etc.):
   extract (images -> last stage map), attend (map -> CC Attention map) and
   classify (CC Attention map -> (features, logits)).
+
+  `block`, `patch_conv`, `grouped_conv` and `norm_layer` build the parts (the plain
+  layers by default): faer_jax.models.create_model chooses them for the
+  platform the program is built for.
   """
 
   num_classes: int
@@ -33,13 +38,16 @@ class FAER(nn.Module):
   layer_scale_init_value: float = 1e-6
   head_init_scale: float = 1.0
   dtype: Dtype = jnp.float32
-  conv_impl: str = "auto"
+  block: ModuleDef = Block
+  patch_conv: ModuleDef = layers.PatchConv
+  grouped_conv: ModuleDef = layers.GroupedConv
+  norm_layer: ModuleDef = layers.LayerNorm
 
   def setup(self):
     self.backbone = ConvNeXt(self.depths, self.dims, self.drop_path_rate, self.layer_scale_init_value,
-                             self.dtype, self.conv_impl)
-    self.cc_attention = CCAttention(self.dims[-1], self.dtype, self.conv_impl)
-    self.norm = layers.layer_norm(1e-6, self.dtype, None)
+                             self.dtype, self.block, self.patch_conv, self.norm_layer)
+    self.cc_attention = CCAttention(self.dims[-1], self.dtype, self.grouped_conv, self.norm_layer)
+    self.norm = self.norm_layer(1e-6, dtype=self.dtype)
     # The original multiplies the head's initial weight and bias by head_init_scale.
     scaled = lambda init: (lambda *a: init(*a) * self.head_init_scale)
     self.head = nn.Dense(self.num_classes, dtype=self.dtype, precision=layers.precision(self.dtype),

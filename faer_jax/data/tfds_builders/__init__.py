@@ -56,7 +56,7 @@ def build(name: str, *, manual_dir: str, data_dir: str) -> str:
   Returns:
     The folder that now holds the prepared dataset.
   """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds
 
   base_name = name.split("/")[0]
   if base_name not in _MODULES:
