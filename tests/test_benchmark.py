@@ -212,7 +212,8 @@ def test_peak_table():
   assert flops.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
   assert flops.peak_flops("NVIDIA H200", "float32") == 67e12
   assert flops.peak_flops("TPU v5 lite", "bfloat16") == 197e12
-  assert flops.peak_flops("TPU v4", "float32") is None
+  assert flops.peak_flops("TPU v4", "float32") == 275e12 / 6  # float32 at HIGHEST: six bfloat16 passes
+  assert flops.peak_flops("TPU v5", "bfloat16") == 459e12 and flops.peak_flops("TPU v6 lite", "bfloat16") == 918e12
   assert flops.peak_flops("cpu", "float32") is None
 
 

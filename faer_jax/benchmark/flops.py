@@ -2,33 +2,12 @@
 
 from typing import Any
 
-# Dense peak FLOP/s per chip from the vendors' data sheets: (bfloat16, float32).
-# GPUs' float32 is the non-tensor-core rate: in float32 the model asks for
-# float32 precision (faer_jax.models.layers.precision), not XLA's default
-# TF32. TPUs have no separate f32 matmul peak (f32 runs as several bf16
-# passes), so theirs is left unknown. Keys are
-# matched, in order, against `device.device_kind` (lower case), e.g.
-# 'NVIDIA H100 80GB HBM3', 'TPU v5 lite'. CPUs: unknown, no MFU.
-PEAK_FLOPS: tuple[tuple[str, float, float | None], ...] = (
-    ("h200", 989e12, 67e12),      # H200 SXM: same SMs and clocks as H100 SXM.
-    ("h100 pcie", 756e12, 51e12),
-    ("h100", 989e12, 67e12),      # H100 SXM.
-    ("a100", 312e12, 19.5e12),
-    ("tpu v5 lite", 197e12, None),  # v5e
-    ("tpu v5e", 197e12, None),
-    ("tpu v5p", 459e12, None),
-    ("tpu v5", 459e12, None),     # v5p reports itself as 'TPU v5'.
-    ("tpu v4", 275e12, None),
-)
-
+from faer_jax import chips
 
 def peak_flops(device_kind: str, dtype: str) -> float | None:
-  """The chip's dense peak FLOP/s for 'bfloat16' or 'float32', or None if unknown."""
-  kind = device_kind.lower()
-  for key, bf16, fp32 in PEAK_FLOPS:
-    if key in kind:
-      return bf16 if dtype == "bfloat16" else fp32
-  return None
+  """The chip's dense peak FLOP/s for 'bfloat16' or 'float32' (faer_jax.chips), or None if unknown (CPUs)."""
+  chip = chips.from_device_kind(device_kind)
+  return chip.peak_flops(dtype) if chip else None
 
 
 def cpu_peak_flops() -> float | None:
