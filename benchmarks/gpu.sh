@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The accelerator measurements of issue 5 in one go, for a machine with a GPU
+# The GPU measurements in one go (docs/benchmarks.md), for a machine with a GPU
 # whose python3 already has jax (with its CUDA plugin), flax, optax and torch,
 # and nothing to install from (the data and TFDS packages are not needed here).
 #

@@ -30,8 +30,8 @@ def get_config(arg=None):
   config.model.variant = "test"
   config.model.drop_path_rate = 0.0
   config.loss.center_loss_weight = 0.01
-  # Tuned on this machine class: 9 epochs reach ~93 % test accuracy in about
-  # three minutes, synthetic data generation included.
+  # Tuned for a short run on two CPU cores: 9 epochs reach 93-96 % test
+  # accuracy on the synthetic expressions, in one to four minutes.
   config.optimizer.lr = 4e-3
   config.optimizer.decay_rate = 0.8
   config.optimizer.warmup_steps = 100

@@ -19,12 +19,12 @@ capped; in a folder that an uncapped cache wrote to (the test suite's
 so there the cap is left off.
 Programs that call the CPU kernels on several devices of one process hit too:
 custom_partitioning's per-process callback address is left out of their keys
-(`jax_remove_custom_partitioning_ptr_from_cache_key`), which is safe for this
-project's programs because each kernel call carries what its callbacks build
+(`jax_remove_custom_partitioning_ptr_from_cache_key`), which is safe for
+faer_jax's programs because each kernel call carries what its callbacks build
 into the program (faer_jax.kernels.partition). (In a multi-process run only
 process 0 gains: JAX writes entries from process 0 alone, and on the CPU each
 process's programs have keys of their own.) Call `enable()` before the first
-compilation, in a process that runs this project's programs.
+compilation, in a process that runs faer_jax's programs.
 """
 
 import importlib.util

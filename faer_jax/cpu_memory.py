@@ -4,8 +4,8 @@ A training step on XLA:CPU allocates its activations (gigabytes for ConvNeXt at
 batch 16, 224 px) anew on every call. glibc's malloc serves allocations above
 32 MB with fresh mmaps and unmaps them on free, so every step touches several
 GB of new pages and the kernel zeroes each one on its first write: ~1.3
-million page faults and 2.5-9 s of system time per ConvNeXt-B step on this
-project's 2-core machines (more right after another large allocator, such as
+million page faults and 2.5-9 s of system time per ConvNeXt-B step on two
+cores of an AMD EPYC (more right after another large allocator, such as
 PyTorch's, has run). `keep_freed_memory()` tells glibc to serve large blocks
 from its heap and keep what is freed (mallopt: no mmap, no trimming, one
 arena), so from the second step on the same pages are reused. Measured on a

@@ -14,7 +14,7 @@ import sys
 from absl import app, flags
 import jax
 
-from faer_jax import checkpoint, config_lib, evaluation, plots, sharding, steps, train
+from faer_jax import checkpoint, config_lib, paper_metrics, plots, sharding, steps, train
 from faer_jax.data import DataError
 
 FLAGS = flags.FLAGS
@@ -56,7 +56,7 @@ def evaluate_checkpoint(config, workdir: str, which: str = "latest") -> dict:
   step, variables, programs = restore_eval_variables(config, workdir, which, mesh)
   source = train.create_data_source(config, config.data.eval_split)
   metrics = {"step": step, "split": config.data.eval_split,
-             **evaluation.evaluate(programs.eval_step, variables, source, config, mesh)}
+             **paper_metrics.evaluate(programs.eval_step, variables, source, config, mesh)}
   if jax.process_index() == 0:
     title = f"{config.data.dataset} {config.data.eval_split}, step {step}: accuracy {100 * metrics['accuracy']:.2f} %"
     if config.task == "fer":

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from faer_jax import compile_cache, inference
+from faer_jax import compile_cache, predict
 from faer_jax.models import layers
 from faer_jax.models.faer import FAER
 
@@ -119,14 +119,14 @@ def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   compile_cache.enable()
   try:
-    loaded = inference.load_model(args.workdir, args.checkpoint,
+    loaded = predict.load_model(args.workdir, args.checkpoint,
                                   args.class_names.split(",") if args.class_names else None)
     fixed_target = _target_index(args.target, loaded.class_names)
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   paths, shown, inputs, status = [], [], [], 0
-  for path, resized, x in inference.read_images(inference.expand_inputs(args.images), loaded.image_size,
+  for path, resized, x in predict.read_images(predict.expand_inputs(args.images), loaded.image_size,
                                                 loaded.aspect):
     if isinstance(x, Exception):
       print(f"error: cannot read {path}: {x.reason}", file=sys.stderr)
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
   targets = jnp.full((len(inputs),), fixed_target) if fixed_target is not None else jnp.argmax(logits, -1)
   cams, logits = jax.jit(gradcam, static_argnums=(0, 4))(loaded.model, loaded.params, batch, targets, args.layer)
   maps = upsample(np.asarray(cams), loaded.image_size)
-  probs = inference.probabilities(loaded.task, np.asarray(logits))
+  probs = predict.probabilities(loaded.task, np.asarray(logits))
   os.makedirs(args.out, exist_ok=True)
   from PIL import Image
   overlays, titles = [], []

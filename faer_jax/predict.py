@@ -9,16 +9,152 @@ the set above 0.5 (logit > 0, the paper's threshold). A file that cannot be
 read is named on stderr and the exit status is 1, after the other files'
 predictions are printed; with --skip-bad it is listed under "skipped" instead.
 --workdir may also be a directory written by `python -m faer_jax.interop import`.
+
+As a library: `load_model(workdir)` gives a trained (or imported) model ready to
+run on image files (gradcam uses it too), `predict_files` its predictions.
 """
 
 import argparse
 import csv
+import dataclasses
 import json
+import os
 import sys
+from typing import Any, Iterable, Sequence
 
+import flax.linen as nn
+import jax
 import numpy as np
 
-from faer_jax import compile_cache, inference
+from faer_jax import compile_cache
+from faer_jax.data import images as image_io
+from faer_jax.data import transforms
+from faer_jax.data.affectnet import CLASS_NAMES as AFFECTNET_NAMES
+from faer_jax.data.celeba import ATTRIBUTE_NAMES
+from faer_jax.data.errors import ImageReadError
+from faer_jax.data.rafdb import CLASS_NAMES as RAFDB_NAMES
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+# Names for a model that came without them (an imported PyTorch checkpoint):
+# the original FAER's datasets, by head size. --class-names overrides.
+_DEFAULT_NAMES = {7: ("fer", RAFDB_NAMES), 8: ("fer", AFFECTNET_NAMES), 40: ("fae", ATTRIBUTE_NAMES)}
+
+
+@dataclasses.dataclass
+class LoadedModel:
+  model: nn.Module
+  params: Any
+  task: str                 # 'fer' (softmax over classes) or 'fae' (sigmoid per attribute)
+  class_names: tuple[str, ...]
+  image_size: int
+  aspect: str
+  step: int | None          # the checkpoint's step, None for an imported model
+
+
+def load_model(workdir: str, checkpoint: str = "latest", class_names: Sequence[str] | None = None,
+               image_size: int | None = None) -> LoadedModel:
+  """The model of a training run's workdir, or of a directory written by `python -m faer_jax.interop import`."""
+  workdir = os.path.abspath(workdir)
+  if os.path.exists(os.path.join(workdir, "config.json")):
+    loaded = _from_training_run(workdir, checkpoint)
+  elif os.path.exists(os.path.join(workdir, "model.json")):
+    loaded = _from_import(workdir)
+  else:
+    raise FileNotFoundError(f"{workdir} holds neither a training run (config.json) nor an imported model "
+                            "(model.json from `python -m faer_jax.interop import`).")
+  if class_names:
+    if len(class_names) != len(loaded.class_names):
+      raise ValueError(f"--class-names gives {len(class_names)} names; "
+                       f"the model has {len(loaded.class_names)} outputs.")
+    loaded.class_names = tuple(class_names)
+  if image_size:
+    loaded.image_size = image_size
+  return loaded
+
+
+def _from_training_run(workdir: str, checkpoint: str) -> LoadedModel:
+  from faer_jax import config_lib, evaluate, sharding
+  config = config_lib.load(os.path.join(workdir, "config.json"))
+  mesh = sharding.create_mesh(1)
+  step, variables, programs = evaluate.restore_eval_variables(config, workdir, checkpoint, mesh)
+  classes_path = os.path.join(workdir, "classes.json")
+  if os.path.exists(classes_path):
+    with open(classes_path) as f:
+      names = tuple(json.load(f)["class_names"])
+  else:
+    names = _default_names(config.num_classes)[1]
+  return LoadedModel(programs.model, variables["params"], config.task, names, config.image_size, config.data.aspect,
+                     step)
+
+
+def _from_import(workdir: str) -> LoadedModel:
+  from faer_jax.interop.cli import load_imported
+  from faer_jax.models import create_model
+  variables, variant, num_classes = load_imported(workdir)
+  task, names = _default_names(num_classes)
+  return LoadedModel(create_model(variant, num_classes), variables["params"], task, names, 224, "squash", None)
+
+
+def _default_names(num_classes: int) -> tuple[str, tuple[str, ...]]:
+  return _DEFAULT_NAMES.get(num_classes, ("fer", tuple(f"class_{i}" for i in range(num_classes))))
+
+
+def expand_inputs(inputs: Iterable[str]) -> list[str]:
+  """Files as given, and the image files inside given folders (recursively, sorted)."""
+  files = []
+  for item in inputs:
+    if os.path.isdir(item):
+      found = sorted(os.path.join(d, f) for d, _, names in os.walk(item) for f in names
+                     if f.lower().endswith(IMAGE_EXTENSIONS))
+      files += found
+    else:
+      files.append(item)  # missing or not an image: reported when read, with its name
+  return files
+
+
+def read_image(path: str, image_size: int, aspect: str) -> tuple[np.ndarray, np.ndarray]:
+  """(uint8 resized image for display, float32 model input): the evaluation preprocessing."""
+  image = image_io.decode_image(path)
+  resized = transforms.resize(image, image_size, aspect)
+  return resized, transforms.normalize(resized)
+
+
+def read_images(paths: Sequence[str], image_size: int, aspect: str):
+  """Yields (path, resized uint8, model input) or (path, None, ImageReadError) for each path."""
+  for path in paths:
+    try:
+      resized, inputs = read_image(path, image_size, aspect)
+    except ImageReadError as e:
+      yield path, None, e
+      continue
+    yield path, resized, inputs
+
+
+def batched_logits(loaded: LoadedModel, batch_size: int):
+  """A function (N, S, S, 3) float32 -> (N, K) logits, compiled once for `batch_size` (the last batch is padded)."""
+  apply = jax.jit(lambda params, x: loaded.model.apply({"params": params}, x, train=False)[1])
+
+  def run(inputs: np.ndarray) -> np.ndarray:
+    out = []
+    for start in range(0, len(inputs), batch_size):
+      chunk = inputs[start:start + batch_size]
+      padded = np.zeros((batch_size, *chunk.shape[1:]), np.float32)
+      padded[:len(chunk)] = chunk
+      out.append(np.asarray(apply(loaded.params, padded))[:len(chunk)])
+    return np.concatenate(out) if out else np.zeros((0, len(loaded.class_names)), np.float32)
+
+  return run
+
+
+def probabilities(task: str, logits: np.ndarray) -> np.ndarray:
+  """Softmax over classes (FER) or a sigmoid per attribute (FAE), in float64 for printing."""
+  logits = np.asarray(logits, np.float64)
+  if task == "fer":
+    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+  return 1.0 / (1.0 + np.exp(-logits))
+
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,22 +173,22 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
-def predict_files(loaded: inference.LoadedModel, paths, batch_size: int = 32, top_k: int = 3):
+def predict_files(loaded: LoadedModel, paths, batch_size: int = 32, top_k: int = 3):
   """(predictions, unreadable) for `paths`; each prediction a dict with path, probabilities and the decision."""
-  run = inference.batched_logits(loaded, batch_size)
+  run = batched_logits(loaded, batch_size)
   predictions, unreadable = [], []
   pending_paths, pending_inputs = [], []
 
   def flush():
     if not pending_inputs:
       return
-    probs = inference.probabilities(loaded.task, run(np.stack(pending_inputs)))
+    probs = probabilities(loaded.task, run(np.stack(pending_inputs)))
     for path, p in zip(pending_paths, probs):
       predictions.append(_describe(loaded, path, p, top_k))
     pending_paths.clear()
     pending_inputs.clear()
 
-  for path, _, inputs in inference.read_images(paths, loaded.image_size, loaded.aspect):
+  for path, _, inputs in read_images(paths, loaded.image_size, loaded.aspect):
     if isinstance(inputs, Exception):
       unreadable.append({"path": path, "reason": inputs.reason})
       continue
@@ -80,12 +216,12 @@ def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   compile_cache.enable()
   try:
-    loaded = inference.load_model(args.workdir, args.checkpoint,
+    loaded = load_model(args.workdir, args.checkpoint,
                                   args.class_names.split(",") if args.class_names else None)
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  paths = inference.expand_inputs(args.inputs)
+  paths = expand_inputs(args.inputs)
   if not paths:
     print(f"error: no image files in {args.inputs}", file=sys.stderr)
     return 2

@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from ml_collections import config_flags
 
-from faer_jax import checkpoint, compile_cache, config_lib, cpu_memory, evaluation, optim, sharding, steps
+from faer_jax import checkpoint, compile_cache, config_lib, cpu_memory, optim, paper_metrics, sharding, steps
 from faer_jax.data import DataError, create_source, pipeline
 from faer_jax.data.synth import ensure_synthetic_rafdb
 from faer_jax.interop import load_torch_checkpoint
@@ -296,15 +296,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         writer.write_scalars(step, {"skipped_images": skipped})
     paused = time.perf_counter()
     if do_eval:
-      eval_metrics = evaluation.evaluate(programs.eval_step, steps.eval_variables(state), eval_source, config,
-                                         mesh)
+      eval_metrics = paper_metrics.evaluate(programs.eval_step, steps.eval_variables(state), eval_source, config,
+                                            mesh)
       writer.write_scalars(step, {f"eval_{k}": v for k, v in eval_metrics.items()
                                   if k not in ("class_names", "attribute_names", "confusion_matrix")})
       if is_main:
         progress.write(f"step {step}: eval accuracy {eval_metrics['accuracy']:.4f}, loss {eval_metrics['loss']:.4f}")
     if do_save:
       ckpt.save(step, state, train_iter,
-                metrics=evaluation.scalar_metrics(eval_metrics) if do_eval else None,
+                metrics=paper_metrics.scalar_metrics(eval_metrics) if do_eval else None,
                 metadata={"epoch": step / steps_per_epoch, "train_window": window.to_json()}, force=True)
     excluded += time.perf_counter() - paused
     progress.update(1)
@@ -338,7 +338,7 @@ def main(argv):
   except (NonFiniteLossError, ValueError) as e:
     sys.exit(str(e))
   if jax.process_index() == 0 and metrics:
-    print(json.dumps(evaluation.scalar_metrics(metrics)))
+    print(json.dumps(paper_metrics.scalar_metrics(metrics)))
 
 
 if __name__ == "__main__":

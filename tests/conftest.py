@@ -73,8 +73,8 @@ def shared_dir(tmp_path_factory, name: str, make: Callable[[pathlib.Path], objec
   """A directory that `make(path)` fills once per test session, shared by pytest-xdist's workers.
 
   The first worker to ask makes it under a file lock; the others wait for it and reuse it, so
-  its users must only read it. (Each worker made its own: the trained runs of test_train.py and
-  test_predict.py took 36-45 s a worker on a 2-core Zen 1.) A worker whose `make` fails leaves
+  its users must only read it (a trained run made by each worker would cost every worker its
+  time). A worker whose `make` fails leaves
   no mark: the next one to ask tries again.
   """
   root = tmp_path_factory.getbasetemp()

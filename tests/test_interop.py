@@ -455,7 +455,7 @@ def test_cli_check_runs_your_copy_of_the_original(tmp_path, capsys):
 def test_cli_check_catches_numerics_bugs(capsys, bug):
   """What a port gets wrong while accuracy looks fine: GELU's tanh approximation, torch's default LayerNorm
   epsilon where ConvNeXt sets 1e-6. Each moves the outputs by 1e-5 to 3e-5 relative here (a faithful model: under
-  1e-6), and the check's default tolerance fails it (it passed them all at its former 1e-4)."""
+  1e-6), and the check's default tolerance fails it (a tolerance of 1e-4 would pass them all)."""
   code, result, _ = _check(capsys, "--torch-model", f"{ORIGINAL_CODE}:{bug}", "--torch-model-kwargs", _TEST_SIZES)
   assert code == 1 and not result["ok"], result
   assert max(result["features_max_rel_diff"], result["logits_max_rel_diff"]) > 2 * TOL, result

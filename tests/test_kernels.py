@@ -299,9 +299,9 @@ def test_the_other_vector_width_computes_the_same_functions():
 
   On an AVX-512 CPU: the AVX2 build (8-float vectors, 6 x 16 tiles). On an AVX2 CPU: the
   AVX-512 build's 16-float vectors and 12 x 32 tiles, each vector op run as two
-  (FAER_JAX_CPU_KERNELS=wide). That one costs ~3 minutes of a 2-core Zen 1's suite (its mlp.cc
-  alone compiles for 73 s), so it runs only with FAER_JAX_TEST_WIDE=1: set it before landing a
-  change to the kernels' tiles from a machine without AVX-512.
+  (FAER_JAX_CPU_KERNELS=wide). That one costs ~3 minutes of the suite on two Zen 1 (AVX2) cores
+  (its mlp.cc alone compiles for 73 s), so it runs only with FAER_JAX_TEST_WIDE=1: set it to test a
+  change to the kernels' tiles on a machine without AVX-512.
   """
   if _OTHER_WIDTH == "wide" and os.environ.get("FAER_JAX_TEST_WIDE") != "1":
     pytest.skip("the 16-float build on this AVX2 CPU takes minutes: FAER_JAX_TEST_WIDE=1 runs it")
@@ -364,7 +364,7 @@ def test_unwritable_cache_falls_back(tmp_path):
 
 def test_model_under_vmap_matches_xla():
   """vmap over batches, per-example gradients and an ensemble of parameters all map through the kernels."""
-  # Both sides compiled: with the XLA reference run op by op the test took 63.5 s on a 2-core Zen 1, now 26.6 s.
+  # Both sides compiled (the XLA reference run op by op would take 2.4x as long).
   kernel_model, xla_model = create_model("test", 7, conv_impl="kernel"), create_model("test", 7, conv_impl="xla")
   x = jax.random.normal(jax.random.key(1), (3, 2, 32, 32, 3))
   params = init_variables(kernel_model)["params"]

@@ -27,7 +27,7 @@ def trained(synth_root, tmp_path_factory):  # noqa: F811
 def test_predictions_equal_the_evaluation_path(trained, synth_root):  # noqa: F811
   config = demo_config(synth_root)
   source = create_source("rafdb", synth_root, "test")
-  loaded = predict.inference.load_model(trained, "latest")
+  loaded = predict.load_model(trained, "latest")
   iterator, _ = pipeline.create_eval_iterator(source, batch_size=8, image_size=config.image_size)
   apply = jax.jit(lambda p, x: loaded.model.apply({"params": p}, x)[1])
   eval_logits = np.concatenate([np.asarray(apply(loaded.params, b["image"]))[b["mask"]] for b in iterator])

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from faer_jax import config_lib, evaluation, optim, steps
+from faer_jax import config_lib, optim, paper_metrics, steps
 from faer_jax.models import create_model
 
 
@@ -120,7 +120,7 @@ def test_eval_sums_and_expression_metrics_match_numpy():
                  + 0.01 * 0.5 * np.sum((features - CENTERS[labels]) ** 2, axis=1))
   np.testing.assert_allclose(sums["loss_sum"], per_example[mask].sum(), rtol=1e-5)
 
-  metrics = evaluation.summarize(jax.device_get(sums), config, [f"c{i}" for i in range(7)])
+  metrics = paper_metrics.summarize(jax.device_get(sums), config, [f"c{i}" for i in range(7)])
   recall = [np.mean(predicted[mask][labels[mask] == k] == k) for k in range(7)]
   np.testing.assert_allclose(metrics["per_class_accuracy"], recall)
   assert metrics["per_class_accuracy"][0] == 0.5 and metrics["per_class_accuracy"][5] == 0.0
@@ -136,7 +136,7 @@ def test_eval_sums_and_attribute_metrics_match_numpy():
   sums = jax.jit(lambda v, b: steps.eval_step(v, b, model=_Carried(40), config=config))({"params": {}}, batch)
   correct = ((ATTR_LOGITS > 0) == (ATTR_LABELS == 1))[mask]
   np.testing.assert_array_equal(sums["attribute_correct"], correct.sum(0))
-  metrics = evaluation.summarize(jax.device_get(sums), config, [f"a{i}" for i in range(40)])
+  metrics = paper_metrics.summarize(jax.device_get(sums), config, [f"a{i}" for i in range(40)])
   np.testing.assert_allclose(metrics["per_attribute_accuracy"], correct.mean(0))
   np.testing.assert_allclose(metrics["accuracy"], correct.mean())  # the paper's CelebA figure: the mean
   np.testing.assert_allclose(sums["loss_sum"], 5 * _focal(ATTR_LOGITS[mask], ATTR_LABELS[mask], 2.0, None),

@@ -130,6 +130,17 @@ def test_one_device_equals_eight(uninterrupted, synth_root, tmp_path):
   np.testing.assert_allclose(eight, one, rtol=2e-4)
 
 
+def test_the_plain_layers_train_the_same_run(uninterrupted, synth_root, tmp_path):
+  """model.conv_impl=xla, the layers every GPU and TPU runs, trains the run the CPU kernels train: the same
+  losses and gradient norms up to float summation order, drop-path masks included."""
+  run_cli("faer_jax.train", cli_args(synth_root, tmp_path, **{"model.conv_impl": "xla"}))
+  kernels = [m for m in read_metrics(uninterrupted) if "train_loss" in m]
+  plain = [m for m in read_metrics(tmp_path) if "train_loss" in m]
+  assert len(kernels) == len(plain) == SHRINK["num_train_steps"]
+  for key in ("train_loss", "train_grad_norm"):
+    np.testing.assert_allclose([m[key] for m in plain], [m[key] for m in kernels], rtol=2e-4, err_msg=key)
+
+
 def test_sigkill_then_resume_is_bit_exact(uninterrupted, synth_root, tmp_path):
   proc = run_cli("faer_jax.train", cli_args(synth_root, tmp_path),
                  popen=dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))

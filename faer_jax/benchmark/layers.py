@@ -11,7 +11,7 @@ model sees at `--image-size`, times the forward and the forward + backward
 faer_jax.models.layers and faer_jax.kernels.modules and of the same torch modules
 (Conv2d in NCHW, Linear on channels-last rows, as the original runs them),
 round after round, alternating. These are the measurements behind the
-choices of `conv_impl='auto'` on CPU (benchmarks/README.md).
+choices of `conv_impl='auto'` on CPU (docs/cpu_kernels.md).
 """
 
 import argparse

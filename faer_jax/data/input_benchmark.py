@@ -76,8 +76,8 @@ def _torch_batches(source, args) -> Iterator:
   import torch
 
   # What DataLoader sets in its workers; with num_workers=0 the per-image
-  # ops run here, where two intra-op threads on tiny tensors took 15 ms per
-  # image instead of 0.2 on the 2-core development machine.
+  # ops run here, where two intra-op threads on tiny tensors take 15 ms per
+  # image instead of 0.2 (two cores of an AMD EPYC).
   torch.set_num_threads(1)
   dataset = TorchFaces([source.path(i) for i in range(len(source))],
                        np.asarray(source.labels), args.image_size)

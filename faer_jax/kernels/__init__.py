@@ -7,7 +7,7 @@
 
 Only the CPU backend uses them (GPUs and TPUs have fast native convolutions
 and matmul fusions), and only where they measurably beat what XLA:CPU makes of
-the same op (benchmarks/README.md). The source ships with the package; the first process
+the same op (docs/cpu_kernels.md). The source ships with the package; the first process
 that needs a kernel compiles it with the machine's C++ compiler (`$CXX`, else
 `c++`/`g++`) against the XLA FFI headers jaxlib ships, for this CPU
 (`-march=native`), into a cache directory:
@@ -121,7 +121,7 @@ def _compile(cxx: str, flags: tuple[str, ...], target: pathlib.Path) -> None:
   with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
     objects = [pathlib.Path(tmp) / f"{source.stem}.o" for source in _SOURCES]
     compile_flags = [f for f in flags if f != "-shared"]
-    # Largest first (mlp.cc takes ~12 of the ~30 s all five take one after another on a 2-core Zen 1).
+    # Largest first (mlp.cc takes ~12 of the ~30 s all five take one after another on two Zen 1 cores).
     commands = [[cxx, *compile_flags, "-I", jax.ffi.include_dir(), "-c", str(source), "-o", str(obj)]
                 for source, obj in sorted(zip(_SOURCES, objects), key=lambda so: -so[0].stat().st_size)]
     width = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

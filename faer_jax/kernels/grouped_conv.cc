@@ -38,8 +38,8 @@ namespace {
 // 128; 12 examples 96 ms, 256 channels 79 ms). 64 output channels: the forward
 // alone at 16x7x7x768 and 16x7x7x1024, 4 groups, 2 Zen 1 threads (medians of 9,
 // three rounds): 119-128 -> 112-119 ms and 248-264 -> 196-207 ms; OB of 32-128
-// and CB of 64-128 within the noise of each other, CB 32 slower. Same sums in
-// the same order as before: the same bits.
+// and CB of 64-128 within the noise of each other, CB 32 slower. The blocking
+// keeps the sums and their order: the same bits whatever OB and CB.
 constexpr int CB = 128;
 constexpr int OB = 64;
 constexpr int kTileExamples = V == 16 ? 8 : 6;  // AVX2: 12 accumulators of its 16 registers

@@ -353,7 +353,7 @@ void HiddenGradient(const BackwardArgs& q, int64_t r0, int64_t rows, int64_t f0,
 // The weight gradients of hidden columns [f0, f0 + fn) over rows [0, rows) of
 // the super-tile at r0, added in place to dw1 (C x F) and dw2 (F x C), in one
 // pass over the rows: dw1 and dw2 (4 MB each at C = 512) come from memory and
-// go back once per super-tile. (In two halves of 120 rows, as before, a B
+// go back once per super-tile. (In two halves of 120 rows instead, a B
 // panel and the A rows of a register tile fit in L1 together, but the
 // read-modify-write happened twice: the whole backward, 2 threads, the two
 // alternated in one process, took 2-5 % longer at C = 96 ... 512, e.g.

@@ -1,4 +1,8 @@
-"""Running the evaluation step over a split, and turning its sums into the paper's metrics."""
+"""The paper's metrics (accuracy, per-class accuracy of Table 5, per-attribute accuracy of Fig. 4) over a split.
+
+`evaluate` runs the jitted eval step over every example of a split and adds up
+its sums; `summarize` turns the sums into the metrics.
+"""
 
 from typing import Any, Callable
 
