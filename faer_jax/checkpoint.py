@@ -19,6 +19,7 @@ it goes only when `max_to_keep` newer steps exist.
 """
 
 import dataclasses
+import logging
 from typing import Any
 
 import grain
@@ -52,6 +53,16 @@ class Restored:
   step: int
   state: PyTree
   metadata: dict[str, Any]
+
+
+class _WithoutMetricsIsIntended(logging.Filter):
+  """Drops Orbax's warning for a step saved without metrics: between evaluations that is how steps are saved."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "did not provide metrics" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_WithoutMetricsIsIntended())
 
 
 def _to_json(value: Any) -> Any:

@@ -67,6 +67,7 @@ def test_attribute_run_killed_resumes_learns_and_serves(celeba_root, uninterrupt
   assert not os.path.isdir(workdir / "checkpoints" / str(RECIPE["num_train_steps"]))
   resumed = run_cli("faer_jax.train", celeba_args(celeba_root, workdir))
   assert "Resumed from step" in resumed.stderr
+  assert "did not provide metrics" not in resumed.stderr  # saves between evaluations are meant to have none
 
   # Exactly the run that was never stopped.
   config = config_lib.load(str(workdir / "config.json"))
