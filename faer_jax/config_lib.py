@@ -55,6 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.variant = "base"
+  c.model.cc_attention = True  # False: the paper's Baseline (ConvNeXt -> pool -> LayerNorm -> head)
   c.model.pretrained = ""     # a PyTorch checkpoint (FAER, ConvNeXt or timm); see faer_jax.interop
   c.model.drop_path_rate = 0.25
   c.model.layer_scale_init_value = 1e-6

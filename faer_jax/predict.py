@@ -91,9 +91,10 @@ def _from_training_run(workdir: str, checkpoint: str) -> LoadedModel:
 def _from_import(workdir: str) -> LoadedModel:
   from faer_jax.interop.cli import load_imported
   from faer_jax.models import create_model
-  variables, variant, num_classes = load_imported(workdir)
+  variables, variant, num_classes, cc_attention = load_imported(workdir)
   task, names = _default_names(num_classes)
-  return LoadedModel(create_model(variant, num_classes), variables["params"], task, names, 224, "squash", None)
+  return LoadedModel(create_model(variant, num_classes, cc_attention=cc_attention), variables["params"], task, names,
+                     224, "squash", None)
 
 
 def _default_names(num_classes: int) -> tuple[str, tuple[str, ...]]:

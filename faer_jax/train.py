@@ -66,7 +66,8 @@ def create_train_model(config: ml_collections.ConfigDict, platform: str | None =
   return create_model(config.model.variant, config.num_classes, drop_path_rate=config.model.drop_path_rate,
                       layer_scale_init_value=config.model.layer_scale_init_value,
                       head_init_scale=config.model.head_init_scale, dtype=jnp.dtype(config.model.dtype),
-                      conv_impl=config.model.conv_impl, platform=platform)
+                      conv_impl=config.model.conv_impl, platform=platform,
+                      cc_attention=config.model.cc_attention)
 
 
 def create_data_source(config: ml_collections.ConfigDict, split: str):

@@ -38,9 +38,9 @@ def _rel(a, b) -> float:
   return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
-def _perturbed_torch(variant, num_classes, seed=0):
+def _perturbed_torch(variant, num_classes, seed=0, cc_attention=True):
   torch.manual_seed(seed)
-  model = create_torch_model(variant, num_classes).eval()
+  model = create_torch_model(variant, num_classes, cc_attention=cc_attention).eval()
   with torch.no_grad():
     for p in model.parameters():
       p.add_(torch.randn_like(p) * 0.05)  # gamma 1e-6 -> ~0.05: every block now matters
@@ -156,6 +156,68 @@ def test_flax_to_torch_parity(variant, conv_impl):
   tf, tl = _torch_out(torch_model, images)
   jf, jl = _flax_out(model, variables, images)
   assert _rel(jf, tf) < TOL and _rel(jl, tl) < TOL
+
+
+# --- The paper's Baseline: ConvNeXt -> pool -> LayerNorm -> head, no CC Attention ---
+
+@pytest.mark.parametrize("conv_impl", CONV_IMPLS)
+def test_baseline_parity_forward_and_gradients_in_float64(conv_impl):
+  result = cli.check("test", 7, image_size=64, conv_impl=conv_impl, float64=True, cc_attention=False)
+  assert result["cc_attention"] is False
+  # The test variant's tensors without CC Attention's.
+  assert result["gradients_compared"] == f"{TEST_VARIANT_TENSORS - 10} of {TEST_VARIANT_TENSORS - 10} tensors"
+  assert max(result["features_max_rel_diff"], result["logits_max_rel_diff"], result["gradients_max_rel_diff"]) < 1e-13
+
+
+def test_baseline_is_the_official_convnext_classifier(tmp_path):
+  """A ConvNeXt release with its 1000-class head loads whole into the Baseline, and its logits are those of an
+  independent functional ConvNeXt with the release's head (mean over H x W, LayerNorm 1e-6, Linear)."""
+  torch_model = _perturbed_torch("atto", 1000, seed=4, cc_attention=False)
+  state = torch_model.state_dict()
+  assert not any(k.startswith("attention.") for k in state)
+  torch.save({"model": state}, tmp_path / "convnext_atto_1k.pth")
+  model = create_model("atto", 1000, cc_attention=False)
+  variables, report = load_torch_checkpoint(str(tmp_path / "convnext_atto_1k.pth"), model, strict=True,
+                                            return_report=True)
+  assert report.clean and len(report.loaded) == len(state) and "cc_attention" not in variables["params"]
+  images = _images(size=64, seed=5)
+  timm_state = _to_timm(state, conv_mlp=False)
+  with torch.no_grad():
+    pooled = _timm_style_features(timm_state, (2, 2, 6, 2), torch.from_numpy(images)).mean(dim=(2, 3))
+    logits = F.linear(F.layer_norm(pooled, pooled.shape[1:], timm_state["head.norm.weight"],
+                                   timm_state["head.norm.bias"], 1e-6), timm_state["head.fc.weight"],
+                      timm_state["head.fc.bias"]).numpy()
+  features, got = _flax_out(model, variables, images)
+  assert _rel(features, pooled.numpy()) < TOL and _rel(got, logits) < TOL
+  # Into a 7-class Baseline the 1000-class head is reported and skipped; into FAER, CC Attention is missing.
+  _, report = load_torch_checkpoint(str(tmp_path / "convnext_atto_1k.pth"), create_model("atto", 7, cc_attention=False),
+                                    return_report=True)
+  assert sorted(k for k, _ in report.skipped) == ["head.bias", "head.weight"] and not report.missing
+
+
+def test_baseline_import_predict_gradcam_export(tmp_path, capsys):
+  """`interop import --baseline` writes a model the other commands read as the Baseline."""
+  from PIL import Image
+  from faer_jax import gradcam, predict
+  torch_model = _perturbed_torch("test", 7, seed=6, cc_attention=False)
+  torch.save({"model": torch_model.state_dict()}, tmp_path / "baseline.pth")
+  out = tmp_path / "imported"
+  assert cli.main(["import", "--torch-checkpoint", str(tmp_path / "baseline.pth"), "--variant", "test",
+                   "--num-classes", "7", "--out", str(out), "--strict", "--baseline"]) == 0
+  assert json.load(open(out / "model.json"))["cc_attention"] is False
+  face = tmp_path / "face.png"
+  Image.fromarray((np.random.default_rng(0).random((80, 80, 3)) * 255).astype(np.uint8)).save(face)
+  capsys.readouterr()
+  assert predict.main(["--workdir", str(out), "--json", str(face)]) == 0
+  predicted = json.loads(capsys.readouterr().out)["predictions"][0]
+  with torch.no_grad():
+    x = predict.read_image(str(face), 224, "squash")[1].transpose(2, 0, 1)[None]
+    want = torch.softmax(torch_model(torch.from_numpy(np.ascontiguousarray(x)))[1], -1).numpy()[0]
+  np.testing.assert_allclose(list(predicted["probabilities"].values()), want, atol=1e-5)
+  assert gradcam.main(["--workdir", str(out), "--out", str(tmp_path / "cams"), str(face)]) == 0
+  assert cli.main(["export", "--checkpoint", str(out), "--out", str(tmp_path / "back.pth")]) == 0
+  back = torch.load(tmp_path / "back.pth", weights_only=True)
+  assert back.keys() == torch_model.state_dict().keys()
 
 
 def test_round_trip_is_exact(tiny_pair):

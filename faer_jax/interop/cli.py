@@ -16,6 +16,9 @@
           Without a checkpoint, weights are drawn at random far from
           initialisation (with gamma = 1e-6 every block is near the identity,
           and agreement would prove little) and copied to the Flax model.
+
+Each takes --baseline for the paper's Baseline: the official ConvNeXt
+classifier (no CC Attention), whose state dict is a ConvNeXt release's.
 """
 
 import argparse
@@ -41,6 +44,8 @@ GRAD_TOLERANCE = {"float32": 1e-5, "float64": 1e-10}
 def _model_args(p: argparse.ArgumentParser, required: bool) -> None:
   p.add_argument("--variant", required=required, help="ConvNeXt variant, e.g. tiny or base.")
   p.add_argument("--num-classes", type=int, required=required, help="7 (expressions) or 40 (CelebA).")
+  p.add_argument("--baseline", action="store_true",
+                 help="The paper's Baseline, without CC Attention: the official ConvNeXt classifier.")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -88,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
-def _save_variables(out: str, variables, variant: str, num_classes: int) -> None:
+def _save_variables(out: str, variables, variant: str, num_classes: int, cc_attention: bool) -> None:
   import orbax.checkpoint as ocp
   out = os.path.abspath(out)
   if os.path.exists(out):
@@ -98,11 +103,12 @@ def _save_variables(out: str, variables, variant: str, num_classes: int) -> None
   checkpointer.save(os.path.join(out, "variables"), variables)
   checkpointer.wait_until_finished()
   with open(os.path.join(out, "model.json"), "w") as f:
-    json.dump({"variant": variant, "num_classes": num_classes}, f)
+    json.dump({"variant": variant, "num_classes": num_classes, "cc_attention": cc_attention}, f)
 
 
-def load_imported(directory: str, variant: str | None = None, num_classes: int | None = None):
-  """(variables, variant, num_classes) from a directory written by `import`."""
+def load_imported(directory: str, variant: str | None = None, num_classes: int | None = None,
+                  cc_attention: bool = True):
+  """(variables, variant, num_classes, cc_attention) from a directory written by `import` (its model.json wins)."""
   import jax
   import orbax.checkpoint as ocp
   directory = os.path.abspath(directory)
@@ -110,11 +116,12 @@ def load_imported(directory: str, variant: str | None = None, num_classes: int |
   meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
   variant = variant or meta.get("variant")
   num_classes = num_classes or meta.get("num_classes")
+  cc_attention = meta.get("cc_attention", cc_attention)
   if not variant or not num_classes:
     raise ValueError(f"{meta_path!r} is missing: pass --variant and --num-classes.")
-  abstract = jax.eval_shape(lambda: init_variables(create_model(variant, num_classes)))
+  abstract = jax.eval_shape(lambda: init_variables(create_model(variant, num_classes, cc_attention=cc_attention)))
   variables = ocp.StandardCheckpointer().restore(os.path.join(directory, "variables"), abstract)
-  return variables, variant, num_classes
+  return variables, variant, num_classes, cc_attention
 
 
 def _write_state_dict(state_dict: dict, out: str) -> None:
@@ -196,7 +203,7 @@ def _gradient_diffs(flax_grads: dict, torch_model) -> dict:
 def check(variant: str, num_classes: int, torch_checkpoint: str | None = None, batch_size: int = 2,
           image_size: int = 224, seed: int = 0, torch_model: str | None = None,
           torch_model_kwargs: dict | None = None, gradients: bool = True, conv_impl: str = "auto",
-          float64: bool = False) -> dict:
+          float64: bool = False, cc_attention: bool = True) -> dict:
   """Runs both frameworks on one batch; returns the differences (Flax vs PyTorch).
 
   Compared: the features and logits of the forward (eval mode), and with
@@ -206,19 +213,20 @@ def check(variant: str, num_classes: int, torch_checkpoint: str | None = None, b
   ('FILE.py:NAME' or 'package.module:NAME', see faer_jax.interop.external) your
   copy of the original code, built as NAME(**torch_model_kwargs). The Flax
   model is built with `conv_impl`; with `float64` both sides compute in
-  float64 from the same (float32) weights.
+  float64 from the same (float32) weights. `cc_attention=False` compares the
+  Baseline (the official ConvNeXt classifier).
   """
   import jax
   if float64:
     with jax.enable_x64(True):
       return _check(variant, num_classes, torch_checkpoint, batch_size, image_size, seed, torch_model,
-                    torch_model_kwargs, gradients, conv_impl, np.float64)
+                    torch_model_kwargs, gradients, conv_impl, np.float64, cc_attention)
   return _check(variant, num_classes, torch_checkpoint, batch_size, image_size, seed, torch_model,
-                torch_model_kwargs, gradients, conv_impl, np.float32)
+                torch_model_kwargs, gradients, conv_impl, np.float32, cc_attention)
 
 
 def _check(variant, num_classes, torch_checkpoint, batch_size, image_size, seed, torch_model, torch_model_kwargs,
-           gradients, conv_impl, dtype) -> dict:
+           gradients, conv_impl, dtype, cc_attention) -> dict:
   import jax
   import optax
   import torch
@@ -226,16 +234,16 @@ def _check(variant, num_classes, torch_checkpoint, batch_size, image_size, seed,
   from faer_jax.interop import external
   from faer_jax.interop.torch_reference import create_torch_model
   feature_dim = get_variant(variant).dims[-1]
-  model = create_model(variant, num_classes, conv_impl=conv_impl, dtype=dtype)
+  model = create_model(variant, num_classes, conv_impl=conv_impl, dtype=dtype, cc_attention=cc_attention)
+  reference = create_model(variant, num_classes, cc_attention=cc_attention)  # float32, for the weights
   torch.manual_seed(seed)  # the model's own initialisation
   if torch_model:
     inner = external.load_torch_model(torch_model, torch_model_kwargs)
-    external.check_sizes(inner, variant, num_classes)
+    external.check_sizes(inner, variant, num_classes, cc_attention)
   else:
-    inner = create_torch_model(variant, num_classes)
+    inner = create_torch_model(variant, num_classes, cc_attention=cc_attention)
   if torch_checkpoint:
-    variables, report = load_torch_checkpoint(torch_checkpoint, create_model(variant, num_classes),
-                                              return_report=True)
+    variables, report = load_torch_checkpoint(torch_checkpoint, reference, return_report=True)
     state_dict, _ = read_state_dict(torch_checkpoint)
     _load_torch_side(inner, state_dict, torch_checkpoint, require_all=bool(torch_model))
     inner.eval()
@@ -245,7 +253,7 @@ def _check(variant, num_classes, torch_checkpoint, batch_size, image_size, seed,
     # identity, and agreement would prove little.
     _perturb(inner, seed)
     state_dict = {k: v.numpy() for k, v in inner.state_dict().items()}
-    variables, _ = load_state_dict(state_dict, init_variables(create_model(variant, num_classes)), strict=True)
+    variables, _ = load_state_dict(state_dict, init_variables(reference), strict=True)
     load_summary = "random weights, perturbed from initialisation"
   # The same weights on both sides, in the precision compared.
   variables = jax.tree.map(lambda a: np.asarray(a, dtype), variables)
@@ -269,7 +277,7 @@ def _check(variant, num_classes, torch_checkpoint, batch_size, image_size, seed,
   fa, fr = (None, None) if torch_features is None else _relative_max_diff(np.asarray(features),
                                                                           torch_features.detach().numpy())
   la, lr = _relative_max_diff(np.asarray(logits), torch_logits.detach().numpy())
-  result = {"variant": variant, "num_classes": num_classes, "weights": load_summary,
+  result = {"variant": variant, "num_classes": num_classes, "cc_attention": cc_attention, "weights": load_summary,
             "torch_model": torch_model or "faer_jax.interop.torch_reference",
             "batch_size": batch_size, "image_size": image_size, "backend": jax.default_backend(),
             "conv_impl": conv_impl, "dtype": np.dtype(dtype).name,
@@ -293,19 +301,22 @@ def main(argv: list[str] | None = None) -> int:
   logging.getLogger("faer_jax").setLevel(logging.INFO)
   try:
     if args.command == "import":
-      model = create_model(args.variant, args.num_classes)
+      model = create_model(args.variant, args.num_classes, cc_attention=not args.baseline)
       variables, report = load_torch_checkpoint(args.torch_checkpoint, model, strict=args.strict,
                                                 return_report=True)
-      _save_variables(args.out, variables, args.variant, args.num_classes)
+      _save_variables(args.out, variables, args.variant, args.num_classes, not args.baseline)
       print(f"Wrote {os.path.abspath(args.out)}\n{report.summary()}")
     elif args.command == "export":
-      variables, variant, num_classes = load_imported(args.checkpoint, args.variant, args.num_classes)
+      variables, variant, num_classes, cc_attention = load_imported(args.checkpoint, args.variant,
+                                                                    args.num_classes, not args.baseline)
       _write_state_dict(to_torch_state_dict(variables), args.out)
-      print(f"Wrote {args.out}: the original FAER state dict ({variant}, {num_classes} classes).")
+      kind = "the original FAER" if cc_attention else "the Baseline's (ConvNeXt's)"
+      print(f"Wrote {args.out}: {kind} state dict ({variant}, {num_classes} classes).")
     else:
       result = check(args.variant, args.num_classes, args.torch_checkpoint, args.batch_size, args.image_size,
                      args.seed, args.torch_model, external.parse_kwargs(args.torch_model_kwargs),
-                     gradients=not args.no_gradients, conv_impl=args.conv_impl, float64=args.float64)
+                     gradients=not args.no_gradients, conv_impl=args.conv_impl, float64=args.float64,
+                     cc_attention=not args.baseline)
       precision = "float64" if args.float64 else "float32"
       tolerance = TOLERANCE[precision] if args.tolerance is None else args.tolerance
       grad_tolerance = GRAD_TOLERANCE[precision] if args.grad_tolerance is None else args.grad_tolerance

@@ -140,13 +140,14 @@ def parameter_count(model) -> int:
   return sum(p.numel() for p in model.parameters())
 
 
-def check_sizes(model, variant: str, num_classes: int) -> None:
+def check_sizes(model, variant: str, num_classes: int, cc_attention: bool = True) -> None:
   """Raises ExternalModelError unless `model` has as many parameters as the reference of `variant`."""
   from faer_jax.interop.torch_reference import create_torch_model
-  expected = parameter_count(create_torch_model(variant, num_classes))
+  expected = parameter_count(create_torch_model(variant, num_classes, cc_attention=cc_attention))
   found = parameter_count(model)
   if found != expected:
+    name = "FAER" if cc_attention else "the Baseline"
     raise ExternalModelError(
-        f"the --torch-model has {found:,} parameters; FAER {variant!r} with {num_classes} classes has "
+        f"the --torch-model has {found:,} parameters; {name} {variant!r} with {num_classes} classes has "
         f"{expected:,}: pass the model's --variant and --num-classes (or build it to match with "
         "--torch-model-kwargs).")

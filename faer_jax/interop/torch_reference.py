@@ -90,10 +90,15 @@ class CCAttention(nn.Module):
 
 
 class FAER(nn.Module):
-  """forward(images NCHW) -> (features, logits), features being the pre-norm pooled vector."""
+  """forward(images NCHW) -> (features, logits), features being the pre-norm pooled vector.
+
+  With `cc_attention=False`, the paper's Baseline: the official ConvNeXt classifier (its state
+  dict: the ConvNeXt release's keys, head included).
+  """
 
   def __init__(self, depths, dims, num_classes: int, drop_path_rate: float = 0.0,
-               layer_scale_init_value: float = 1e-6, head_init_scale: float = 1.0, in_chans: int = 3):
+               layer_scale_init_value: float = 1e-6, head_init_scale: float = 1.0, in_chans: int = 3,
+               cc_attention: bool = True):
     super().__init__()
     self.downsample_layers = nn.ModuleList()
     self.downsample_layers.append(nn.Sequential(
@@ -108,7 +113,7 @@ class FAER(nn.Module):
       self.stages.append(nn.Sequential(*[
           Block(dims[i], rates[cur + j], layer_scale_init_value) for j in range(depths[i])]))
       cur += depths[i]
-    self.attention = CCAttention(dims[-1])
+    self.attention = CCAttention(dims[-1]) if cc_attention else None
     self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
     self.head = nn.Linear(dims[-1], num_classes)
     self.apply(self._init_weights)
@@ -127,7 +132,9 @@ class FAER(nn.Module):
     return x
 
   def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    x = self.attention(self.forward_backbone(x))
+    x = self.forward_backbone(x)
+    if self.attention is not None:
+      x = self.attention(x)
     features = x.mean(dim=(-2, -1))
     return features, self.head(self.norm(features))
 

@@ -20,7 +20,8 @@ __all__ = ["CCAttention", "CONV_IMPLS", "ConvNeXt", "FAER", "VARIANTS", "create_
 
 def create_model(variant: str, num_classes: int, *, drop_path_rate: float = 0.0,
                  layer_scale_init_value: float = 1e-6, head_init_scale: float = 1.0,
-                 dtype: Any = jnp.float32, conv_impl: str = "auto", platform: str | None = None) -> FAER:
+                 dtype: Any = jnp.float32, conv_impl: str = "auto", platform: str | None = None,
+                 cc_attention: bool = True) -> FAER:
   """The FAER module for a ConvNeXt variant ('test', 'atto', ..., 'base', ..., 'xlarge').
 
   Args:
@@ -35,11 +36,12 @@ def create_model(variant: str, num_classes: int, *, drop_path_rate: float = 0.0,
       layers elsewhere; 'xla' the plain layers everywhere. The kernels have reverse-mode
       gradients only: forward-mode autodiff (jax.jvp) of a CPU program needs 'xla'.
     platform: the platform the program is compiled for; None: this process's default backend.
+    cc_attention: False gives the paper's Baseline, the official ConvNeXt classifier.
   """
   spec = get_variant(variant)
   return FAER(num_classes=num_classes, depths=spec.depths, dims=spec.dims, drop_path_rate=drop_path_rate,
               layer_scale_init_value=layer_scale_init_value, head_init_scale=head_init_scale,
-              dtype=dtype, **choose(conv_impl, platform, dtype))
+              dtype=dtype, use_cc_attention=cc_attention, **choose(conv_impl, platform, dtype))
 
 
 def create_backbone(variant: str, *, drop_path_rate: float = 0.0, layer_scale_init_value: float = 1e-6,

@@ -1,4 +1,7 @@
-"""FAER: ConvNeXt backbone -> CC Attention -> global average pool -> LayerNorm -> head."""
+"""FAER: ConvNeXt backbone -> CC Attention -> global average pool -> LayerNorm -> head.
+
+Without CC Attention it is the paper's Baseline: the official ConvNeXt classifier.
+"""
 
 from typing import Any, Sequence
 
@@ -26,6 +29,9 @@ class FAER(nn.Module):
   extract (images -> last stage map), attend (map -> CC Attention map) and
   classify (CC Attention map -> (features, logits)).
 
+  `use_cc_attention=False` leaves CC Attention out: the paper's Baseline (ConvNeXt
+  -> pool -> LayerNorm -> head), whose `attend` is the identity.
+
   `block`, `patch_conv`, `grouped_conv` and `norm_layer` build the parts (the plain
   layers by default): faer_jax.models.create_model chooses them for the
   platform the program is built for.
@@ -38,6 +44,7 @@ class FAER(nn.Module):
   layer_scale_init_value: float = 1e-6
   head_init_scale: float = 1.0
   dtype: Dtype = jnp.float32
+  use_cc_attention: bool = True
   block: ModuleDef = Block
   patch_conv: ModuleDef = layers.PatchConv
   grouped_conv: ModuleDef = layers.GroupedConv
@@ -46,7 +53,8 @@ class FAER(nn.Module):
   def setup(self):
     self.backbone = ConvNeXt(self.depths, self.dims, self.drop_path_rate, self.layer_scale_init_value,
                              self.dtype, self.block, self.patch_conv, self.norm_layer)
-    self.cc_attention = CCAttention(self.dims[-1], self.dtype, self.grouped_conv, self.norm_layer)
+    if self.use_cc_attention:
+      self.cc_attention = CCAttention(self.dims[-1], self.dtype, self.grouped_conv, self.norm_layer)
     self.norm = self.norm_layer(1e-6, dtype=self.dtype)
     # The original multiplies the head's initial weight and bias by head_init_scale.
     scaled = lambda init: (lambda *a: init(*a) * self.head_init_scale)
@@ -62,8 +70,8 @@ class FAER(nn.Module):
     return self.backbone(images, train)
 
   def attend(self, x: jax.Array) -> jax.Array:
-    """CC Attention on the last stage map; same shape."""
-    return self.cc_attention(x)
+    """CC Attention on the last stage map (the Baseline: the map itself); same shape."""
+    return self.cc_attention(x) if self.use_cc_attention else x
 
   def classify(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(pre-norm pooled features, logits) from the CC Attention map."""
