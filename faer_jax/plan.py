@@ -60,8 +60,10 @@ def topology_devices(name: str):
   # libtpu lets one process at a time load it, which a process that only compiles need not claim.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
+  # A v4 chip's two TensorCores run as one device ("megacore"), as on a Cloud TPU VM; JAX's meshes need that.
+  options = {"chip_config_name": "megacore"} if generation == "v4" else {}
   try:
-    return topologies.get_topology_desc(platform="tpu", topology_name=name).devices
+    return topologies.get_topology_desc(platform="tpu", topology_name=name, **options).devices
   except Exception as e:  # noqa: BLE001  # libtpu's own error types
     raise PlanError(f"libtpu cannot make topology {name!r} ({str(e).splitlines()[0][:200]}); "
                     f"examples: {', '.join(TOPOLOGY_EXAMPLES)}") from None

@@ -85,6 +85,16 @@ def test_fsdp_over_four_chips_cuts_the_state_per_chip_by_three(v5e_2x2):
   assert per_chip[1] >= 3 * per_chip[4], per_chip
 
 
+@pytest.mark.parametrize("topology,chips_", [("v4:2x2x2", 8), ("v5p:2x2x1", 4), ("v6e:2x2", 4), ("v5e:4x4", 16)])
+def test_every_generation_gives_one_device_per_chip_and_a_mesh(v5e_2x2, topology, chips_):
+  """As on a Cloud TPU VM (a v4 chip's two cores are one device): JAX builds its meshes only so."""
+  devices = plan.topology_devices(topology)
+  assert len(devices) == chips_ and {d.platform for d in devices} == {"tpu"}
+  config = load_config("rafdb.py", **{**SMALL, "fsdp": 2})
+  programs = train.build_programs(config, sharding.create_mesh(2, devices), 1)
+  assert programs.model.block.__name__ == "Block"
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_train_step_lowers_for_cuda_with_the_plain_layers(dtype):
   config = load_config("rafdb.py", **{**SMALL, "batch_size": 8, "model.dtype": dtype})
