@@ -14,7 +14,7 @@ from faer_jax.data import create_source, pipeline
 from faer_jax.interop import init_variables, load_state_dict
 from faer_jax.models import create_model
 from conftest import shared_dir
-from test_train import demo_config, synth_root  # noqa: F401  (the shrunk demo run and its data)
+from test_train import SHRINK, demo_config, synth_root  # noqa: F401  (the shrunk demo run and its data)
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +116,6 @@ def test_gradcam_cli_writes_heat_maps(trained, synth_root, tmp_path):  # noqa: F
   overlays = sorted(p for p in os.listdir(out) if "_gradcam_" in p)
   assert len(overlays) == 3
   image = np.asarray(Image.open(out / overlays[0]))
-  assert image.shape == (32, 32, 3)
+  assert image.shape == (SHRINK["image_size"], SHRINK["image_size"], 3)
   assert os.path.exists(out / "gradcam_grid_cc_attention.png")
   assert gradcam.main(["--workdir", trained, paths[0], "--out", str(out), "--target", "Boredom"]) == 2

@@ -26,10 +26,12 @@ pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "configs", "demo.py")
 
-# The demo config, shrunk: 48 training images of 32 px, 6 steps of batch 8, with the real configs'
-# drop path, so that its masks are part of what resuming, devices and processes must reproduce. Layer
-# scale starts at 0.1, not 1e-6, so that every block, and so every mask, shows in the losses.
-SHRINK = {"image_size": 32, "batch_size": 8, "eval_batch_size": 8, "num_train_steps": 6, "eval_every_steps": 3,
+# The demo config, shrunk: 48 training images of 64 px (the last stage's 2x2 map gives CC Attention's
+# softmax positions to weigh; at 32 px it sees one and CC Attention is the identity), 6 steps of batch 8,
+# with the real configs' drop path, so that its masks are part of what resuming, devices and processes
+# must reproduce. Layer scale starts at 0.1, not 1e-6, so that every block, and so every mask, shows in
+# the losses.
+SHRINK = {"image_size": 64, "batch_size": 8, "eval_batch_size": 8, "num_train_steps": 6, "eval_every_steps": 3,
           "checkpoint_every_steps": 3, "log_every_steps": 1, "data.synthetic_num_train": 48,
           "data.synthetic_num_test": 20, "optimizer.warmup_steps": 2, "model.drop_path_rate": 0.25,
           "model.layer_scale_init_value": 0.1}
