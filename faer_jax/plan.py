@@ -162,10 +162,8 @@ def plan(config, devices, topology: str | None = None, fsdp: int | str = 1) -> d
                     f"{' of ' + topology if topology else ''}; use a multiple of {num_devices}")
   if config.eval_batch_size % num_devices:
     config.eval_batch_size = config.batch_size
-  chip = chip_of(devices, topology)
-  cores = {tuple(d.coords) if hasattr(d, "coords") else d.id for d in devices}
-  devices_per_chip = num_devices // len(cores) if topology else 1
-  memory_per_device = chip.memory_bytes // devices_per_chip if chip else None
+  chip = chip_of(devices, topology)  # one device per chip (topology_devices), so per device is per chip
+  memory = chip.memory_bytes if chip else None
   candidates = [fsdp] if fsdp != "auto" else [n for n in range(1, num_devices + 1) if num_devices % n == 0]
   for size in candidates:
     if num_devices % size:
@@ -176,46 +174,40 @@ def plan(config, devices, topology: str | None = None, fsdp: int | str = 1) -> d
                                                                       // config.batch_size))
     state_bytes = state_bytes_per_device(programs.abstract_state)
     train_step = compile_program(programs.train_step, programs.abstract_state,
-                          train.abstract_batch(config, mesh, config.batch_size))
+                                 train.abstract_batch(config, mesh, config.batch_size))
     m = train_step.memory
     train_total = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
-    fits = None if memory_per_device is None else train_total <= memory_per_device
+    fits = None if memory is None else train_total <= memory
     if fits or fsdp != "auto" or size == candidates[-1]:
       break
   eval_variables = steps.eval_variables(programs.abstract_state)
   eval_step = compile_program(programs.eval_step, eval_variables,
-                       train.abstract_batch(config, mesh, config.eval_batch_size, train=False))
+                              train.abstract_batch(config, mesh, config.eval_batch_size, train=False))
   e = eval_step.memory
   # While evaluating, the whole train state stays resident beside the eval program's own buffers.
   eval_total = (state_bytes + e.argument_size_in_bytes - state_bytes_per_device(eval_variables) + e.output_size_in_bytes
                 + e.temp_size_in_bytes)
-  if memory_per_device is not None:
-    fits = max(train_total, eval_total) <= memory_per_device
+  if memory is not None:
+    fits = max(train_total, eval_total) <= memory
 
-  per_chip = lambda value: value * devices_per_chip
-  peak = chip.peak_flops(config.model.dtype) * 1.0 if chip else None
-  step_seconds = None
-  if chip:
-    step_seconds = max(train_step.flops / (peak / devices_per_chip),
-                       train_step.bytes_accessed / (chip.bandwidth / devices_per_chip))
+  peak = chip.peak_flops(config.model.dtype) if chip else None
+  # The roofline: the step takes at least its FLOPs at the peak and its bytes at the bandwidth.
+  step_seconds = max(train_step.flops / peak, train_step.bytes_accessed / chip.bandwidth) if chip else None
   images_per_sec = config.batch_size / step_seconds if step_seconds else None
   size = dataset_size(config)
   return {
       "config": config.data.dataset, "variant": config.model.variant, "topology": topology or "host",
       "platform": devices[0].platform, "device_kind": devices[0].device_kind,
-      "chip": chip.name if chip else None, "num_chips": len(cores) if topology else num_devices,
-      "devices_per_chip": devices_per_chip, "fsdp": config.fsdp, "global_batch_size": config.batch_size,
+      "chip": chip.name if chip else None, "num_chips": num_devices, "fsdp": config.fsdp,
+      "global_batch_size": config.batch_size,
       "eval_batch_size": config.eval_batch_size, "image_size": config.image_size, "dtype": config.model.dtype,
-      "per_chip_bytes": {"parameters_and_optimizer": per_chip(state_bytes),
-                         "arguments": per_chip(m.argument_size_in_bytes),
-                         "temporaries": per_chip(m.temp_size_in_bytes),
-                         "outputs": per_chip(m.output_size_in_bytes), "total": per_chip(train_total),
-                         "eval_total": per_chip(eval_total)},
+      "per_chip_bytes": {"parameters_and_optimizer": state_bytes, "arguments": m.argument_size_in_bytes,
+                         "temporaries": m.temp_size_in_bytes, "outputs": m.output_size_in_bytes,
+                         "total": train_total, "eval_total": eval_total},
       "chip_memory_bytes": chip.memory_bytes if chip else None, "fits": fits,
-      "flops_per_step_per_chip": per_chip(train_step.flops),
-      "bytes_accessed_per_step_per_chip": per_chip(train_step.bytes_accessed),
+      "flops_per_step_per_chip": train_step.flops, "bytes_accessed_per_step_per_chip": train_step.bytes_accessed,
       "collectives": {kind: v["count"] for kind, v in train_step.collectives.items()},
-      "collective_bytes": {kind: per_chip(v["bytes"]) for kind, v in train_step.collectives.items()},
+      "collective_bytes": {kind: v["bytes"] for kind, v in train_step.collectives.items()},
       "peak_flops_per_chip": peak, "memory_bandwidth_per_chip": chip.bandwidth if chip else None,
       "estimated_step_seconds": step_seconds, "estimated_images_per_sec": images_per_sec,
       "dataset_train_images": size,
