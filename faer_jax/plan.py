@@ -28,6 +28,7 @@ import time
 
 from absl import app, flags
 import jax
+from jax.experimental.compilation_cache import compilation_cache as persistent_cache
 from ml_collections import config_flags
 
 from faer_jax import chips, config_lib, sharding, steps, train
@@ -124,16 +125,20 @@ def compile_program(jitted, *args) -> Compiled:
   """Compiles a jitted step for its arguments' devices: time, memory, FLOPs, bytes, collectives, custom calls."""
   lowered = jitted.lower(*args)
   # A program for a topology this process has no client for cannot be read back from JAX's persistent
-  # compilation cache (and would only fill it): compile it without the cache.
-  cached = jax.config.jax_enable_compilation_cache
+  # compilation cache (and would only fill it): compile it without the cache. JAX decides once per
+  # process whether to use the cache, so the decision is reset around the compile.
+  enabled = jax.config.jax_enable_compilation_cache
   foreign = jax.tree.leaves(args)[0].sharding.device_set.pop().platform != jax.default_backend()
   started = time.perf_counter()
   try:
     if foreign:
       jax.config.update("jax_enable_compilation_cache", False)
+      persistent_cache.reset_cache()
     compiled = lowered.compile()
   finally:
-    jax.config.update("jax_enable_compilation_cache", cached)
+    if foreign:
+      jax.config.update("jax_enable_compilation_cache", enabled)
+      persistent_cache.reset_cache()
   seconds = time.perf_counter() - started
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):
