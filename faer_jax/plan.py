@@ -274,6 +274,7 @@ def run(config, topology: str | None, fsdp: str, as_json: bool) -> int:
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  train.quiet_logs()
   if FLAGS.topology and "JAX_PLATFORMS" not in os.environ:
     jax.config.update("jax_platforms", "cpu")  # compiling for the topology needs no TPU here
   config = FLAGS.config
