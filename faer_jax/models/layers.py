@@ -3,10 +3,10 @@
 Every choice here that changes numbers follows the PyTorch original and says so:
 the initialiser, the LayerNorm variance, the exact GELU, the drop-path scaling.
 
-Each layer keeps its parameters as the matching flax.linen module does, so a
-faster implementation of the same function (faer_jax.kernels, chosen by
-faer_jax.models.implementations) is a subclass that overrides how it computes,
-not what it stores.
+Each layer keeps its parameters as the matching flax.linen module does, and
+computes in one overridable method, so that another implementation of the same
+function (faer_jax.models.implementations chooses) is a subclass that changes
+how it computes, not what it stores.
 """
 
 from typing import Any, Callable
@@ -33,8 +33,8 @@ def gelu(x: jax.Array) -> jax.Array:
 
   Written out rather than `nn.gelu(approximate=False)`, which JAX computes
   through erfc: XLA expands erfc with an exp and a select on every element, erf
-  as a plain rational polynomial (the activation is 4C wide, so on CPU this is
-  a few percent of a training step). The erf form is also the one torch uses.
+  as a plain rational polynomial (the activation is 4C wide: a few percent of
+  a training step). The erf form is also the one torch uses.
   """
   return 0.5 * x * (1.0 + lax.erf(x * jnp.asarray(2 ** -0.5, x.dtype)))
 
@@ -42,12 +42,11 @@ def gelu(x: jax.Array) -> jax.Array:
 def precision(dtype: Dtype) -> lax.Precision | None:
   """The precision of the model's matrix products and convolutions in compute dtype `dtype`.
 
-  float32 ones run at float32 precision on every backend, as the PyTorch
-  original's do on the CPU and in its Linear layers on GPU: left to their
-  defaults, XLA computes float32 products in TensorFloat-32 on recent NVIDIA
-  GPUs (10-bit mantissas) and in one bfloat16 pass on TPUs. (The CPU computes
-  float32 either way; the setting changes nothing there.) In bfloat16 the
-  backend's default: its inputs have no more digits to keep.
+  float32 ones run at float32 precision whatever the chip, as the PyTorch
+  original computes them: left to their defaults, XLA computes float32
+  products in TensorFloat-32 on recent NVIDIA GPUs (10-bit mantissas) and in
+  one bfloat16 pass on TPUs. In bfloat16, XLA's default: the inputs have no
+  more digits to keep.
   """
   return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
