@@ -113,16 +113,17 @@ def load(path: str) -> ml_collections.ConfigDict:
     values = json.load(f)
   config = base_config()
   config.unlock()
-  config.update_from_flattened_dict(_flatten(values))
+  config.update_from_flattened_dict(flatten(values))
   config.lock()
   return config
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
+def flatten(tree: dict, prefix: str = "") -> dict:
+  """{'a': {'b': 1}} -> {'a.b': 1}."""
   out = {}
   for k, v in tree.items():
     if isinstance(v, dict):
-      out.update(_flatten(v, prefix + k + "."))
+      out.update(flatten(v, prefix + k + "."))
     else:
       out[prefix + k] = v
   return out

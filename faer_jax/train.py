@@ -61,6 +61,13 @@ class NonFiniteLossError(RuntimeError):
   """Training produced a NaN or infinite loss; the message names the step."""
 
 
+class Preempted(Exception):
+  """SIGTERM stopped the run at a step boundary, after saving it; the same call resumes it."""
+
+
+FINAL_METRICS = "final_metrics.json"  # in a finished run's workdir: the last evaluation, with its step
+
+
 def create_train_model(config: ml_collections.ConfigDict, platform: str | None = None):
   """The config's model, with the layers for `platform` (None: this process's default backend)."""
   return create_model(config.model.variant, config.num_classes, drop_path_rate=config.model.drop_path_rate,
@@ -184,7 +191,14 @@ class _Preemption:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (or resumes) in `workdir`; returns the final evaluation metrics."""
+  """Trains (or resumes) in `workdir`; returns the final evaluation metrics.
+
+  A finished run's metrics are also in `workdir/final_metrics.json`; called on
+  a finished run, it trains nothing and returns them.
+
+  Raises:
+    Preempted: SIGTERM arrived; the run saved its state and stopped early.
+  """
   config_lib.validate(config)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -316,10 +330,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if pending is not None:
     finish(pending)
   progress.close()
+  final_path = os.path.join(workdir, FINAL_METRICS)
+  if step == num_steps and not eval_metrics:  # finished before this call
+    eval_metrics = _read_json(final_path) or paper_metrics.evaluate(
+        programs.eval_step, steps.eval_variables(state), eval_source, config, mesh)
   ckpt.wait_until_finished()
   ckpt.close()
   writer.close()
+  if step < num_steps:
+    raise Preempted(f"Pre-empted at step {step}, saved in {ckpt.directory}; run the same command to resume.")
+  eval_metrics = {**eval_metrics, "step": step}
+  if is_main:
+    with open(final_path, "w") as f:
+      json.dump(eval_metrics, f)
   return eval_metrics
+
+
+def _read_json(path: str) -> dict | None:
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
 
 
 def quiet_logs() -> None:
@@ -334,6 +365,8 @@ def main(argv):
   start_processes()
   try:
     metrics = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except Preempted:
+    return  # logged; the scheduler runs the same command again
   except DataError as e:
     sys.exit(f"{e}\nTo see the project work without the dataset, run `make demo` (synthetic faces).")
   except (NonFiniteLossError, ValueError) as e:

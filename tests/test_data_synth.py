@@ -191,3 +191,25 @@ def test_command_line_writes_both_layouts(tmp_path):
   with Image.open(tmp_path / "r/basic/Image/aligned/test_0007_aligned.jpg"
                   ) as image:
     assert image.size == (64, 64)
+
+
+def test_affectnet_csv_release_is_read_by_the_real_loader(tmp_path):
+  assert synth.main(["--layout", "affectnet", "--out", str(tmp_path), "--num-train", "400", "--num-val", "120",
+                     "--size", "48", "--workers", "1"]) == 0
+  with open(tmp_path / "Manually_Annotated_file_lists/training.csv") as f:
+    header, *rows = [line.rstrip("\n").split(",") for line in f]
+  assert tuple(header) == synth.CSV_HEADER and len(rows) == 400
+  assert all(len(r) == 9 and len(r[5].split(";")) == 136 for r in rows)
+  codes = np.array([int(r[6]) for r in rows])
+  excluded = codes >= 8
+  assert 0 < excluded.sum() < 40 and set(np.bincount(codes[~excluded], minlength=8)) <= {45, 46, 47, 48, 49, 50}
+  assert {os.path.splitext(r[0])[1] for r in rows} == {".jpg", ".JPG", ".png"}
+  for num_classes in (7, 8):
+    source = create_source("affectnet", str(tmp_path), "train", num_classes=num_classes)
+    assert len(source) == int(np.sum(codes < num_classes))
+    assert sum(source.excluded_counts.values()) == int(np.sum(codes >= num_classes))
+  validation = create_source("affectnet", str(tmp_path), "test", num_classes=8, crop_face=True)
+  assert validation.split == "validation" and validation[0]["image"].shape == (38, 38, 3)  # the central 80 %
+  # Contempt (7), the expression RAF-DB lacks, is drawn too.
+  contempt = [i for i in range(len(validation)) if validation.labels[i] == 7]
+  assert contempt and validation[contempt[0]]["image"].std() > 10

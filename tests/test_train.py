@@ -117,9 +117,10 @@ def test_demo_end_to_end_in_process(synth_root, tmp_path, capsys):
   assert len(out["per_class_accuracy"]) == 7 and np.sum(out["confusion_matrix"]) == 20
   assert os.path.exists(out["figure"]) and out["figure"].endswith(".png")
   assert out["accuracy"] == pytest.approx(max(m["eval_accuracy"] for m in logged if "eval_accuracy" in m))
-  # Same command again: nothing left to do, nothing changes.
+  # The finished run's metrics are kept; the same command again trains nothing and returns them.
+  assert json.load(open(tmp_path / train.FINAL_METRICS)) == json.loads(json.dumps(metrics)) and metrics["step"] == 6
   before = read_metrics(tmp_path)
-  train.train_and_evaluate(config, str(tmp_path))
+  assert train.train_and_evaluate(config, str(tmp_path)) == json.loads(json.dumps(metrics))
   assert read_metrics(tmp_path) == before
 
 
@@ -171,7 +172,7 @@ def test_sigterm_saves_then_resume_is_bit_exact(uninterrupted, synth_root, tmp_p
   assert proc.returncode == 0, err[-3000:]
   steps_saved = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
   assert steps_saved and steps_saved[-1] < SHRINK["num_train_steps"], (steps_saved, err[-2000:])
-  assert "Pre-empted" in err
+  assert "Pre-empted" in err and not (tmp_path / train.FINAL_METRICS).exists()
   run_cli("faer_jax.train", cli_args(synth_root, tmp_path))
   assert_same_run(uninterrupted, tmp_path, synth_root)
 

@@ -1,4 +1,4 @@
-"""Synthetic faces written in the owners' RAF-DB and CelebA layouts.
+"""Synthetic faces written in the owners' RAF-DB, AffectNet and CelebA layouts.
 
 The demo and the tests train on these instead of the real datasets, and they
 go through the real loaders because the files sit exactly where the owners put
@@ -12,6 +12,7 @@ a seed gives the same bytes whatever the number of worker processes.
 Command line (dispatched by ``python -m faer_jax.data``)::
 
   python -m faer_jax.data synth --layout rafdb --out /tmp/rafdb_synth
+  python -m faer_jax.data synth --layout affectnet --out /tmp/affectnet_synth
   python -m faer_jax.data synth --layout celeba --out /tmp/celeba_synth \
       --num-train 2000 --num-test 300
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import hashlib
 import math
 import multiprocessing
 import os
@@ -31,12 +33,19 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from faer_jax.data.affectnet import CSV_HEADER
+
 # RAF-DB's label order (file labels 1-7 are these, in this order).
 # Bump when the drawing changes, so cached sets are regenerated.
 SYNTH_VERSION = 1
 
 EXPRESSIONS = ("Surprise", "Fear", "Disgust", "Happiness", "Sadness", "Anger",
                "Neutral")
+
+# AffectNet's expression codes 0-7, as drawn (the loader names them Happy, Sad).
+AFFECTNET_EXPRESSIONS = ("Neutral", "Happiness", "Sadness", "Surprise", "Fear",
+                         "Disgust", "Anger", "Contempt")
+_AFFECTNET_NO_FACE = 10
 
 # CelebA's attribute order, as in list_attr_celeba.txt.
 ATTRIBUTES = (
@@ -67,6 +76,9 @@ _FACE_ACTIONS = {
                   eye_open=0.6, mouth="clenched"),
     "Neutral": dict(brow_raise=0.0, brow_tilt=0.0, brow_arch=0.02,
                     eye_open=1.0, mouth="flat"),
+    # AffectNet's eighth expression: one lip corner pulled up and back.
+    "Contempt": dict(brow_raise=0.02, brow_tilt=0.0, brow_arch=0.02,
+                     eye_open=0.75, mouth="smirk"),
 }
 
 _HAIR_COLOURS = {
@@ -398,6 +410,10 @@ def _draw_mouth(draw, rng, shape, attrs, cx, my, a, b, lip, lip_t):
                            outline=lip, width=lip_t)
     draw.line([(box[0], my), (box[2], my)], fill=(90, 80, 80),
               width=max(1, lip_t // 2))
+  elif shape == "smirk":  # Closed; one corner pulled up and back.
+    side = rng.choice([-1, 1])
+    draw.line(_curve(cx - mw, cx + mw, lambda u: my - 0.9 * curve * max(0.0, side * u) ** 2),
+              fill=lip, width=lip_t, joint="curve")
   elif shape == "sneer":  # One corner pulled up, lip raised off the teeth.
     side = rng.choice([-1, 1])
     lift = lambda u: my - 1.3 * curve * max(0.0, side * u) ** 1.5
@@ -439,6 +455,18 @@ def _render_celeba(job):
   img = _draw_face(rng, width, height, expression, attrs, centre_y=0.52)
   img.save(path, quality=92)
   return [attrs[name] for name in ATTRIBUTES]
+
+
+def _render_affectnet(job):
+  path, seed, split, index, code, size = job
+  rng = _rng(seed, split, index)
+  if code == _AFFECTNET_NO_FACE:
+    img = _background(rng, size, size)
+  else:
+    # None (8) and Uncertain (9): a face whose expression is none of the eight.
+    expression = AFFECTNET_EXPRESSIONS[code] if code < len(AFFECTNET_EXPRESSIONS) else str(rng.choice(EXPRESSIONS))
+    img = _draw_face(rng, size, size, expression, _rafdb_nuisance(rng), centre_y=0.5)
+  img.save(path, quality=92)
 
 
 def _run(render: Callable, jobs: Sequence, workers: int) -> list:
@@ -538,14 +566,65 @@ def make_synthetic_celeba(out_dir: str | os.PathLike, num_train: int = 2000,
   return root
 
 
+def make_synthetic_affectnet(out_dir: str | os.PathLike, num_train: int = 2400,
+                             num_val: int = 400, seed: int = 0, size: int = 128,
+                             workers: int | None = None) -> pathlib.Path:
+  """Writes a synthetic AffectNet (manually annotated part) in the owners' CSV release.
+
+  Writes ``Manually_Annotated_file_lists/{training,validation}.csv`` (the
+  owners' header and columns) and ``Manually_Annotated_Images/<k>/<sha1>.jpg``
+  (some ``.JPG`` and ``.png``, as in the real set). Codes 0-7 are drawn
+  evenly; about one image in 25 carries code 8 (None), 9 (Uncertain) or 10
+  (No-Face, a background without a face), which the 7- and 8-class
+  protocols leave out. The face box is the image's central 80 %; the 68
+  landmarks are points on the box's inscribed ellipse (the loader reads
+  neither unless asked for the box).
+
+  Args:
+    out_dir: the dataset root; created if missing.
+    num_train: rows of training.csv.
+    num_val: rows of validation.csv.
+    seed: the same seed writes the same bytes.
+    size: side of the square images.
+    workers: processes; defaults to the CPU count. Does not change the output.
+
+  Returns:
+    The root, as a path.
+  """
+  root = pathlib.Path(out_dir)
+  lists = root / "Manually_Annotated_file_lists"
+  lists.mkdir(parents=True, exist_ok=True)
+  margin = round(0.1 * size)
+  box = (margin, margin, size - 2 * margin, size - 2 * margin)
+  angles = np.linspace(0, 2 * np.pi, 68, endpoint=False)
+  landmarks = ";".join(f"{v:.2f}" for a in angles for v in (
+      box[0] + box[2] / 2 * (1 + np.cos(a)), box[1] + box[3] / 2 * (1 + np.sin(a))))
+  jobs = []
+  for split, count, csv_name in (("train", num_train, "training.csv"), ("validation", num_val, "validation.csv")):
+    rng = np.random.default_rng([seed, _SPLIT_IDS[split], 2**31])
+    codes = rng.permutation(np.arange(count) % len(AFFECTNET_EXPRESSIONS))
+    excluded = rng.random(count) < 0.04
+    codes[excluded] = rng.integers(len(AFFECTNET_EXPRESSIONS), _AFFECTNET_NO_FACE + 1, int(excluded.sum()))
+    rows = [",".join(CSV_HEADER)]
+    for i, code in enumerate(codes):
+      digest = hashlib.sha1(f"{seed}/{split}/{i}".encode()).hexdigest()
+      extension = ".png" if i % 50 == 49 else ".JPG" if i % 37 == 36 else ".jpg"
+      relative = f"{i // 500 + 1}/{digest}{extension}"
+      (root / "Manually_Annotated_Images" / relative).parent.mkdir(parents=True, exist_ok=True)
+      jobs.append((str(root / "Manually_Annotated_Images" / relative), seed, split, i, int(code), size))
+      valence, arousal = ((-2, -2) if code >= 9 else np.round(rng.uniform(-1, 1, 2), 6))
+      rows.append(f"{relative},{','.join(map(str, box))},{landmarks},{code},{valence},{arousal}")
+    (lists / csv_name).write_text("\n".join(rows) + "\n")
+  _run(_render_affectnet, jobs, workers or os.cpu_count() or 1)
+  return root
+
+
 def ensure_synthetic_rafdb(cache_dir: str | os.PathLike, num_train: int = 3500,
                            num_test: int = 700, seed: int = 0,
                            size: int = 100) -> pathlib.Path:
   """Returns a synthetic RAF-DB root under `cache_dir`, creating it once.
 
-  The tree is written to a temporary folder and renamed into place, so an
-  interrupted run never leaves a half-written dataset behind, and concurrent
-  callers end up sharing one complete copy.
+  Written through `write_once`: never half-written, shared by concurrent callers.
 
   Args:
     cache_dir: where cached synthetic sets live.
@@ -557,16 +636,26 @@ def ensure_synthetic_rafdb(cache_dir: str | os.PathLike, num_train: int = 3500,
   Returns:
     The dataset root (pass it to ``create_source('rafdb', root, split)``).
   """
-  cache_dir = pathlib.Path(cache_dir)
   # The drawing's version is in the name: a cache written by older code is
   # never mistaken for the current set.
-  root = cache_dir / f"rafdb_synth_v{SYNTH_VERSION}_{num_train}_{num_test}_seed{seed}_{size}px"
+  root = pathlib.Path(cache_dir) / f"rafdb_synth_v{SYNTH_VERSION}_{num_train}_{num_test}_seed{seed}_{size}px"
+  return write_once(root, lambda tmp: make_synthetic_rafdb(tmp, num_train, num_test, seed, size))
+
+
+def write_once(root: str | os.PathLike, make: Callable[[pathlib.Path], object]) -> pathlib.Path:
+  """`root`, written by `make(folder)` unless it exists.
+
+  `make` writes into a temporary folder beside `root`, renamed into place
+  when complete: an interrupted call never leaves a half-written dataset
+  behind, and concurrent callers end up sharing one complete copy.
+  """
+  root = pathlib.Path(root)
   if root.is_dir():
     return root
-  cache_dir.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=".tmp_", dir=cache_dir))
+  root.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=".tmp_", dir=root.parent))
   try:
-    make_synthetic_rafdb(tmp, num_train, num_test, seed, size)
+    make(tmp)
     os.rename(tmp, root)  # Atomic; fails if another caller finished first.
   except OSError:
     if not root.is_dir():
@@ -581,16 +670,16 @@ def main(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m faer_jax.data synth",
       description='Write a synthetic face set in the owners\' layout.')
-  parser.add_argument("--layout", choices=("rafdb", "celeba"), required=True)
+  parser.add_argument("--layout", choices=("rafdb", "affectnet", "celeba"), required=True)
   parser.add_argument("--out", required=True, help="dataset root to write")
   parser.add_argument("--num-train", type=int)
-  parser.add_argument("--num-val", type=int, default=300,
-                      help="celeba only (rafdb has no validation split)")
+  parser.add_argument("--num-val", type=int,
+                      help="celeba (default 300) and affectnet (default 400); rafdb has no validation split")
   parser.add_argument("--num-test", type=int)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--size", type=int,
-                      help="rafdb: side (default 100); celeba: width (default "
-                      "178), height keeps the 178:218 ratio")
+                      help="rafdb: side (default 100); affectnet: side (default 128); "
+                      "celeba: width (default 178), height keeps the 178:218 ratio")
   parser.add_argument("--workers", type=int, default=None,
                       help="processes (default: CPU count)")
   args = parser.parse_args(argv)
@@ -598,10 +687,14 @@ def main(argv: list[str]) -> int:
     root = make_synthetic_rafdb(args.out, args.num_train or 3500,
                                 args.num_test or 700, args.seed,
                                 args.size or 100, args.workers)
+  elif args.layout == "affectnet":
+    root = make_synthetic_affectnet(args.out, args.num_train or 2400,
+                                    400 if args.num_val is None else args.num_val, args.seed,
+                                    args.size or 128, args.workers)
   else:
     width = args.size or 178
     root = make_synthetic_celeba(args.out, args.num_train or 2000,
-                                 args.num_val, args.num_test or 300, args.seed,
+                                 300 if args.num_val is None else args.num_val, args.num_test or 300, args.seed,
                                  (width, round(width * 218 / 178)),
                                  args.workers)
   print(f"wrote a synthetic {args.layout} set to {root}")
