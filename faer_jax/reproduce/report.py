@@ -186,9 +186,13 @@ def _fig56(options: runs.Options, results) -> list[str]:
 
   One PNG per dataset: the images on the top row, each model's map of its own
   prediction below. CelebA: the first test images; AffectNet-7: the first
-  validation image of each expression.
+  validation image of each expression. Drawn by a single-process invocation.
   """
+  import jax
   from faer_jax.reproduce.experiments import baseline, celeba, faer
+  if jax.process_count() > 1:  # loading a checkpoint takes every process; the runs are done, one process draws
+    print("fig56: run the same command as one process to draw the Grad-CAM grids (it trains nothing).")
+    return []
   paths = []
   for dataset, pair in (("celeba", (celeba("focal", False), celeba("focal", True))),
                         ("affectnet7", (baseline("affectnet7"), faer("affectnet7")))):
