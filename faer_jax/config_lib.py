@@ -5,6 +5,8 @@ what its experiment needs. Every knob has a default here, so a typo on the
 command line (`--config.batch_szie=64`) fails at once: configs are locked.
 """
 
+import ast
+import importlib.util
 import json
 import os
 
@@ -127,3 +129,49 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     else:
       out[prefix + k] = v
   return out
+
+
+def load_file(spec: str) -> ml_collections.ConfigDict:
+  """The config of `FILE.py` or `FILE.py:ARG` (its `get_config(ARG)`), as `--config` reads it; unlocked."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ValueError(f"config {spec!r}: {path} is not a file (e.g. configs/rafdb.py or configs/rafdb.py:tiny)")
+  module_spec = importlib.util.spec_from_file_location(
+      "faer_jax_config_" + os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"config {spec!r}: {path} has no get_config()")
+  return module.get_config(arg or None)
+
+
+def _parse_value(text: str, field_type):
+  if text.lower() == "none":
+    return None
+  if field_type is bool:
+    if text.lower() not in ("true", "false", "1", "0"):
+      raise ValueError(f"{text!r} is not a bool")
+    return text.lower() in ("true", "1")
+  if field_type in (int, float, str):
+    return field_type(text)
+  return ast.literal_eval(text)  # tuples and lists
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> None:
+  """Sets `KEY=VALUE` pairs (dotted keys, values parsed as the field's type), as `--config.KEY=VALUE` does."""
+  for item in overrides:
+    key, sep, text = item.partition("=")
+    if not sep:
+      raise ValueError(f"--config.{item}: expected --config.KEY=VALUE")
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+      node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+      raise ValueError(f"--config.{key}: no such config key")
+    try:
+      value = _parse_value(text, node.get_ref(leaf).get_type())
+    except (ValueError, SyntaxError) as e:
+      raise ValueError(f"--config.{key}={text}: {e}") from None
+    with node.ignore_type():
+      node[leaf] = value

@@ -118,6 +118,20 @@ def _param_groups(backbone_keys: tuple[str, ...], params: Params) -> Params:
       lambda path, _: "backbone" if path[0].key in backbone_keys else "new", params)
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """torch.nn.utils.clip_grad_norm_ on the raw gradients: g · min(1, max_norm / (‖g‖ + 1e-6)).
+
+  (optax.clip_by_global_norm divides by ‖g‖ itself, without torch's 1e-6.)
+  """
+
+  def clip(updates, params=None):
+    del params
+    scale = jnp.minimum(1.0, max_norm / (optax.tree.norm(updates) + 1e-6))
+    return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates)
+
+  return optax.stateless(clip)
+
+
 def create_optimizer(config: ml_collections.ConfigDict,
                      steps_per_epoch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Builds the optax chain of the `optimizer` config block.
@@ -136,8 +150,7 @@ def create_optimizer(config: ml_collections.ConfigDict,
   schedule = create_learning_rate_schedule(config, steps_per_epoch)
   chain = []
   if config.grad_clip_norm is not None:
-    # On the raw gradients, as torch.nn.utils.clip_grad_norm_ before step().
-    chain.append(optax.clip_by_global_norm(config.grad_clip_norm))
+    chain.append(clip_by_global_norm(config.grad_clip_norm))
   chain.append(optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
                            weight_decay=config.weight_decay,
                            mask=None if config.decay_all_params else _decay_mask))

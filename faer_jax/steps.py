@@ -35,11 +35,12 @@ def uses_center_loss(config: ml_collections.ConfigDict) -> bool:
 
 
 def create_train_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTransformation,
-                       config: ml_collections.ConfigDict) -> State:
-  """A fresh state; jit it with out_shardings to create it directly where it lives."""
+                       config: ml_collections.ConfigDict, params=None) -> State:
+  """A fresh state (from `params` where given); jit it with out_shardings to create it where it lives."""
   init_rng, run_rng = jax.random.split(rng)
-  # Parameter shapes do not depend on the image size: initialise on a small one.
-  params = model.init(init_rng, jnp.zeros((1, 32, 32, 3), jnp.float32))["params"]
+  if params is None:
+    # Parameter shapes do not depend on the image size: initialise on a small one.
+    params = model.init(init_rng, jnp.zeros((1, 32, 32, 3), jnp.float32))["params"]
   state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params), "rng": run_rng}
   if uses_center_loss(config):
     state["centers"] = jnp.zeros((config.num_classes, model.dims[-1]), jnp.float32)

@@ -180,3 +180,21 @@ def test_matches_torch_adamw_with_parameter_groups_and_exponential_lr(clip):
       moved, torch_moved = params[k][n] - initial[k][n], p.detach().numpy() - initial[k][n]
       err = np.max(np.abs(moved - torch_moved)) / np.max(np.abs(torch_moved))
       assert err < 1e-7, (k, n, err)  # 2.6e-8 to 4.4e-8
+
+
+@pytest.mark.parametrize("norm", [0.3, 4.0])
+def test_clipping_is_torchs_clip_grad_norm(norm):
+  """g · min(1, max_norm / (‖g‖ + 1e-6)), in float64 to the last digits (optax's own clip omits the 1e-6)."""
+  torch = pytest.importorskip("torch")
+  rng = np.random.default_rng(1)
+  grads = {"a": rng.standard_normal((3, 4)), "b": rng.standard_normal(5)}
+  scale = norm / np.sqrt(sum(np.sum(g**2) for g in grads.values()))
+  grads = {k: g * scale for k, g in grads.items()}
+  tensors = [torch.tensor(g, requires_grad=True) for g in grads.values()]
+  for t, g in zip(tensors, grads.values()):
+    t.grad = torch.tensor(g)
+  torch.nn.utils.clip_grad_norm_(tensors, 1.0)
+  with jax.enable_x64(True):
+    clipped, _ = optim.clip_by_global_norm(1.0).update(jax.tree.map(jnp.asarray, grads), optax.EmptyState())
+  for t, c in zip(tensors, clipped.values()):
+    np.testing.assert_allclose(np.asarray(c), t.grad.numpy(), rtol=1e-15, atol=0)

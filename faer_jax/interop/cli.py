@@ -1,4 +1,4 @@
-"""python -m faer_jax.interop {import,export,check}: move weights between PyTorch and Flax.
+"""python -m faer_jax.interop {import,export,check,check-train}: move weights between PyTorch and Flax.
 
   import  --torch-checkpoint X.pth --variant base --num-classes 7 --out DIR
           Writes DIR/variables (an Orbax checkpoint of the Flax variables) and
@@ -16,6 +16,14 @@
           Without a checkpoint, weights are drawn at random far from
           initialisation (with gamma = 1e-6 every block is near the identity,
           and agreement would prove little) and copied to the Flax model.
+  check-train --config configs/rafdb.py[:VARIANT] [--baseline] [--steps 20] [--batch-size 8]
+          [--image-size S] [--data-root P | --synthetic] [--torch-model FILE.py:NAME]
+          [--config.KEY=VALUE ...] [--tolerance T] [--json]
+          Runs the same N training steps of the config's recipe in PyTorch and
+          in JAX, from the same weights on the same batches, and prints the
+          losses and the parameters' distance after every step; exits 1 above
+          --tolerance, naming the first step and tensor that broke it
+          (faer_jax.interop.train_check).
 
 Each takes --baseline for the paper's Baseline: the official ConvNeXt
 classifier (no CC Attention), whose state dict is a ConvNeXt release's.
@@ -29,7 +37,7 @@ import sys
 
 import numpy as np
 
-from faer_jax.interop import external
+from faer_jax.interop import external, train_check
 from faer_jax.interop.convert import init_variables, load_state_dict, load_torch_checkpoint, to_torch_state_dict
 from faer_jax.interop.torch_io import CheckpointError, read_state_dict
 from faer_jax.models import create_model, get_variant
@@ -90,6 +98,37 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--no-gradients", action="store_true",
                  help="Compare the forward only (default: also every parameter's gradient of the training loss).")
   p.add_argument("--json", action="store_true", help="Print one JSON object.")
+  p = sub.add_parser("check-train", help="The same training steps of a config's recipe in PyTorch and in JAX.",
+                     description=train_check.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                     allow_abbrev=False)
+  p.add_argument("--config", required=True, metavar="FILE.py[:ARG]",
+                 help="An experiment config, e.g. configs/rafdb.py or configs/celeba.py:tiny; "
+                      "--config.KEY=VALUE changes one of its values (as with faer_jax.train).")
+  p.add_argument("--baseline", action="store_true",
+                 help="The paper's Baseline, without CC Attention (the same as --config.model.cc_attention=false).")
+  p.add_argument("--steps", type=int, default=20, help="Training steps on each side.")
+  p.add_argument("--steps-per-epoch", type=int, default=5,
+                 help="The schedule's epoch: ExponentialLR steps after this many updates.")
+  p.add_argument("--batch-size", type=int, default=8, help="Replaces the config's batch size.")
+  p.add_argument("--image-size", type=int, help="Replaces the config's image size.")
+  data = p.add_mutually_exclusive_group()
+  data.add_argument("--data-root", help="The config's dataset, in its owners' layout (default: --synthetic).")
+  data.add_argument("--synthetic", action="store_true",
+                    help="Synthetic faces in the config's dataset's layout (the default without --data-root).")
+  p.add_argument("--torch-checkpoint", help="Weights both sides start from (default: random, perturbed).")
+  p.add_argument("--torch-model", metavar="FILE.py:NAME",
+                 help="Your copy of the original PyTorch code instead of this repository's reference (as for "
+                      "check); build it without drop path or dropout.")
+  p.add_argument("--torch-model-kwargs", metavar="JSON", help='Its arguments, e.g. \'{"num_classes": 7}\'.')
+  p.add_argument("--seed", type=int, default=0, help="Initialisation and weight noise.")
+  p.add_argument("--tolerance", type=float, default=train_check.TOLERANCE,
+                 help="Largest relative distance ||θ_jax − θ_torch|| / ||θ_torch|| of any parameter tensor (and "
+                      f"of the centers) after any step (default {train_check.TOLERANCE:g}); the losses may differ "
+                      f"by --loss-tolerance ({train_check.LOSS_TOLERANCE:g}).")
+  p.add_argument("--loss-tolerance", type=float, default=train_check.LOSS_TOLERANCE)
+  p.add_argument("--json", action="store_true",
+                 help="Print one JSON object: the setting, `steps` (one record per step), `max_param_rel_diff`, "
+                      "`first_failure` and `passed`.")
   return parser
 
 
@@ -133,44 +172,9 @@ def _write_state_dict(state_dict: dict, out: str) -> None:
   torch.save({k: torch.from_numpy(v) for k, v in state_dict.items()}, out)
 
 
-def _perturb(model, seed: int):
-  """`model` in eval mode with every parameter moved by N(0, 0.05) noise drawn from `seed`."""
-  import torch
-  generator = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for p in model.parameters():
-      # gamma 1e-6 -> ~0.05; weights ~2.5x their init std.
-      p.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * 0.05)
-  return model.eval()
-
-
 def _relative_max_diff(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
   diff = float(np.max(np.abs(a - b)))
   return diff, diff / max(float(np.max(np.abs(b))), 1e-30)
-
-
-def _load_torch_side(torch_model, state_dict: dict, checkpoint: str, require_all: bool) -> None:
-  """Loads a checkpoint's tensors into the PyTorch model by its own names.
-
-  The keys are tried as stored (wrappers like `module.` stripped) and renamed
-  to the original's (from timm's layout); whichever fills more of the model
-  is loaded, so that the PyTorch side reads the file on its own path (torch's
-  load_state_dict, not the Flax side's table) and a mapping error shows.
-  """
-  import torch
-  from faer_jax.interop import mapping
-  own = torch_model.state_dict()
-  timm = mapping.is_timm_layout(mapping.strip_wrappers(k) for k in state_dict)
-  candidates = []
-  for rename in (mapping.strip_wrappers, lambda k: mapping.normalize_key(k, timm)):
-    renamed = ((rename(k), v) for k, v in state_dict.items())
-    candidates.append({n: v for n, v in renamed if n in own and tuple(own[n].shape) == tuple(np.shape(v))})
-  chosen = {n: torch.from_numpy(np.array(v)) for n, v in max(candidates, key=len).items()}  # one copy
-  missing = sorted(set(own) - set(chosen))
-  if require_all and missing:
-    raise CheckpointError(f"{checkpoint}: {len(missing)} of the --torch-model's {len(own)} tensors are not in it "
-                          f"(by name and shape), e.g. {', '.join(missing[:5])}.")
-  torch_model.load_state_dict(chosen, strict=False)
 
 
 def _gradient_diffs(flax_grads: dict, torch_model) -> dict:
@@ -245,13 +249,13 @@ def _check(variant, num_classes, torch_checkpoint, batch_size, image_size, seed,
   if torch_checkpoint:
     variables, report = load_torch_checkpoint(torch_checkpoint, reference, return_report=True)
     state_dict, _ = read_state_dict(torch_checkpoint)
-    _load_torch_side(inner, state_dict, torch_checkpoint, require_all=bool(torch_model))
+    external.load_weights(inner, state_dict, torch_checkpoint, require_all=bool(torch_model))
     inner.eval()
     load_summary = report.summary()
   else:
     # Weights far from initialisation: with gamma = 1e-6 every block is near the
     # identity, and agreement would prove little.
-    _perturb(inner, seed)
+    external.perturb(inner, seed)
     state_dict = {k: v.numpy() for k, v in inner.state_dict().items()}
     variables, _ = load_state_dict(state_dict, init_variables(reference), strict=True)
     load_summary = "random weights, perturbed from initialisation"
@@ -295,11 +299,34 @@ def _check(variant, num_classes, torch_checkpoint, batch_size, image_size, seed,
   return result
 
 
+def _check_train(args, overrides: list[str]) -> int:
+  from faer_jax import config_lib
+  config = config_lib.load_file(args.config)
+  config_lib.apply_overrides(config, overrides)
+  if args.baseline:
+    config.model.cc_attention = False
+  result = train_check.check_train(
+      config, num_steps=args.steps, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
+      image_size=args.image_size, data_root=args.data_root,
+      torch_model=args.torch_model, torch_model_kwargs=external.parse_kwargs(args.torch_model_kwargs),
+      torch_checkpoint=args.torch_checkpoint, seed=args.seed, tolerance=args.tolerance,
+      loss_tolerance=args.loss_tolerance)
+  print(json.dumps(result) if args.json else train_check.format_table(result))
+  return 0 if result["passed"] else 1
+
+
 def main(argv: list[str] | None = None) -> int:
-  args = _parser().parse_args(argv)
+  parser = _parser()
+  args, rest = parser.parse_known_args(argv)
+  unknown = [t for t in rest if args.command != "check-train" or not t.startswith("--config.")]
+  if unknown:
+    parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+  overrides = [t[len("--config."):] for t in rest]
   logging.basicConfig(level=logging.WARNING, format="%(message)s")
   logging.getLogger("faer_jax").setLevel(logging.INFO)
   try:
+    if args.command == "check-train":
+      return _check_train(args, overrides)
     if args.command == "import":
       model = create_model(args.variant, args.num_classes, cc_attention=not args.baseline)
       variables, report = load_torch_checkpoint(args.torch_checkpoint, model, strict=args.strict,

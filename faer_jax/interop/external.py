@@ -1,4 +1,4 @@
-"""Your copy of the original PyTorch code, in place of this repository's reference.
+"""Your copy of the original PyTorch code in place of the reference, and the weights the checks load into it.
 
 `python -m faer_jax.interop check` and `python -m faer_jax.benchmark train` run
 `faer_jax.interop.torch_reference` by default: the original's module tree,
@@ -23,6 +23,10 @@ import json
 import os
 import sys
 from typing import Any
+
+import numpy as np
+
+from faer_jax.interop.torch_io import CheckpointError
 
 
 class ExternalModelError(ValueError):
@@ -151,3 +155,38 @@ def check_sizes(model, variant: str, num_classes: int, cc_attention: bool = True
         f"the --torch-model has {found:,} parameters; {name} {variant!r} with {num_classes} classes has "
         f"{expected:,}: pass the model's --variant and --num-classes (or build it to match with "
         "--torch-model-kwargs).")
+
+
+def perturb(model, seed: int):
+  """`model` in eval mode with every parameter moved by N(0, 0.05) noise drawn from `seed`."""
+  import torch
+  generator = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for p in model.parameters():
+      # gamma 1e-6 -> ~0.05; weights ~2.5x their init std.
+      p.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * 0.05)
+  return model.eval()
+
+
+def load_weights(torch_model, state_dict: dict, checkpoint: str, require_all: bool) -> None:
+  """Loads a checkpoint's tensors into the PyTorch model by its own names.
+
+  The keys are tried as stored (wrappers like `module.` stripped) and renamed
+  to the original's (from timm's layout); whichever fills more of the model
+  is loaded, so that the PyTorch side reads the file on its own path (torch's
+  load_state_dict, not the Flax side's table) and a mapping error shows.
+  """
+  import torch
+  from faer_jax.interop import mapping
+  own = torch_model.state_dict()
+  timm = mapping.is_timm_layout(mapping.strip_wrappers(k) for k in state_dict)
+  candidates = []
+  for rename in (mapping.strip_wrappers, lambda k: mapping.normalize_key(k, timm)):
+    renamed = ((rename(k), v) for k, v in state_dict.items())
+    candidates.append({n: v for n, v in renamed if n in own and tuple(own[n].shape) == tuple(np.shape(v))})
+  chosen = {n: torch.from_numpy(np.array(v)) for n, v in max(candidates, key=len).items()}  # one copy
+  missing = sorted(set(own) - set(chosen))
+  if require_all and missing:
+    raise CheckpointError(f"{checkpoint}: {len(missing)} of the --torch-model's {len(own)} tensors are not in it "
+                          f"(by name and shape), e.g. {', '.join(missing[:5])}.")
+  torch_model.load_state_dict(chosen, strict=False)

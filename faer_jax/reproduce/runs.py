@@ -7,7 +7,6 @@ not run again.
 """
 
 import dataclasses
-import importlib.util
 import json
 import os
 import pathlib
@@ -71,10 +70,8 @@ def load_recipe(dataset: str, variant: str) -> ml_collections.ConfigDict:
   if not path.is_file():
     raise ReproduceError(f"{path} not found: faer_jax.reproduce reads the paper's recipes from the repository's "
                          "configs/ folder (install with `pip install -e .` from a clone)")
-  spec = importlib.util.spec_from_file_location(f"faer_jax_config_{dataset}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg.format(variant=variant).rstrip(","))
+  arg = arg.format(variant=variant).rstrip(",")
+  return config_lib.load_file(f"{path}:{arg}" if arg else str(path))
 
 
 def run_config(run: Run, seed: int, options: Options) -> ml_collections.ConfigDict:
