@@ -72,7 +72,7 @@ def test_tables_hold_mean_std_best_and_paper_from_each_seed(tmp_path):
         continue  # an unfinished seed: left out, and n says so
       made[run.name, seed] = _fake_run(workdir, run, seed, rng)
   options = runs.Options(workdir=workdir, seeds=3)
-  report.write(EXPERIMENTS["table5"], options, synthetic=False)
+  report.write(EXPERIMENTS["table5"], options)
   rows = _csv(tmp_path / "table5.csv")
   assert len(rows) == 28
 
@@ -106,9 +106,9 @@ def test_figures_and_cells_without_runs(tmp_path):
   for run in EXPERIMENTS["fig4"].runs:
     _fake_run(workdir, run, 0, rng)
   _fake_run(workdir, experiments.faer("rafdb", 0.1), 0, rng)
-  options = runs.Options(workdir=workdir, seeds=1)
+  options = runs.Options(workdir=workdir, seeds=1, synthetic=True)
   for name in ("fig3", "fig4"):
-    written = report.write(EXPERIMENTS[name], options, synthetic=True)
+    written = report.write(EXPERIMENTS[name], options)
     assert os.path.getsize(tmp_path / f"{name}.png") > 10_000 and str(tmp_path / f"{name}.png") in written
   rows = _csv(tmp_path / "fig3.csv")
   assert rows["Fig. 3", "λ = 0.1", "RAF-DB"]["seeds"] == "1" and rows["Fig. 3", "λ = 0.1", "RAF-DB"]["paper"] == ""

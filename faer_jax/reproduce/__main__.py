@@ -21,7 +21,7 @@ import json
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
 import jax
 from ml_collections import config_flags
 
@@ -134,10 +134,9 @@ def main(argv) -> None:
     say(f"{head}: accuracy {100 * metrics['accuracy']:.2f} % after {time.perf_counter() - started:.0f} s")
   if is_main:
     try:
-      written = report.write(experiment, options, synthetic=options.synthetic)
+      written = report.write(experiment, options)
     except (DataError, ValueError) as e:
       sys.exit(f"error: writing the report: {e}")
-    logging.info("wrote %s", written)
     print("wrote " + ", ".join(written))
 
 

@@ -94,6 +94,7 @@ class Table:
   rows: tuple[str, ...]
   columns: tuple[str, ...]
   cells: dict  # (row, column) -> Cell
+  figure: str | None = None  # the figure `report` draws from it: 'fig3', 'fig4'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +170,8 @@ def _fig3() -> Table:
   paper = {"affectnet7": 66.66, "rafdb": 91.75}  # the paper prints the curve's value only at its best, λ = 0.01
   cells = {(row, DATASET_NAMES[d]): Cell(faer(d, lam), paper[d] if lam == LAMBDA else None)
            for row, lam in zip(rows, LAMBDAS) for d in ("affectnet7", "rafdb")}
-  return Table("Fig. 3: FAER's accuracy (%) against the center-loss weight λ", rows, ("AffectNet-7", "RAF-DB"), cells)
+  return Table("Fig. 3: FAER's accuracy (%) against the center-loss weight λ", rows, ("AffectNet-7", "RAF-DB"), cells,
+               figure="fig3")
 
 
 def _fig4(attribute_names) -> Table:
@@ -180,7 +182,7 @@ def _fig4(attribute_names) -> Table:
   cells["Mean", "Baseline"] = Cell(celeba("focal", False), 91.66)
   cells["Mean", "FAER"] = Cell(celeba("focal", True), 91.87)
   return Table("Fig. 4: CelebA accuracy (%) per attribute, focal loss", tuple(attribute_names) + ("Mean",),
-               ("Baseline", "FAER"), cells)
+               ("Baseline", "FAER"), cells, figure="fig4")
 
 
 def _fig56() -> Table:

@@ -55,12 +55,12 @@ def _diff(value, paper) -> str:
   return "—" if value is None or paper is None else f"{value[0] - paper:+.2f}"
 
 
-def write(experiment: Experiment, options: runs.Options, synthetic: bool) -> list[str]:
+def write(experiment: Experiment, options: runs.Options) -> list[str]:
   """Writes the experiment's Markdown, CSV and figures; returns the paths written."""
   results = collect(experiment, options)
   base = os.path.join(options.workdir, experiment.name)
   lines = [f"# {experiment.title}", ""]
-  if synthetic:
+  if options.synthetic:
     lines += ["**Synthetic data and a short recipe** (`--synthetic`): these numbers exercise the pipeline and "
               "say nothing about the paper's claims; the paper's figures are shown for the layout only.", ""]
   done = sum(len(v) for v in results.values())
@@ -130,7 +130,7 @@ def _pyplot():
 
 def _fig3(experiment: Experiment, results, path: str) -> str:
   """Accuracy against λ (log axis), one line per dataset, the paper's point at λ = 0.01."""
-  table = next(t for t in experiment.tables if t.title.startswith("Fig. 3"))
+  table = next(t for t in experiment.tables if t.figure == "fig3")
   plt = _pyplot()
   fig, axes = plt.subplots(1, len(table.columns), figsize=(5 * len(table.columns), 3.8), squeeze=False)
   for ax, column in zip(axes[0], table.columns):
@@ -157,7 +157,7 @@ def _fig3(experiment: Experiment, results, path: str) -> str:
 
 def _fig4(experiment: Experiment, results, path: str) -> str:
   """Per-attribute accuracy of Baseline and FAER (final checkpoint), two panels of 20 attributes as the paper's."""
-  table = next(t for t in experiment.tables if t.title.startswith("Fig. 4"))
+  table = next(t for t in experiment.tables if t.figure == "fig4")
   names = [r for r in table.rows if r != "Mean"]
   plt = _pyplot()
   fig, axes = plt.subplots(2, 1, figsize=(12, 7.5))
