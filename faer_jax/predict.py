@@ -1,6 +1,7 @@
 r"""Run a trained or imported FAER on image files.
 
   python -m faer_jax.predict --workdir runs/demo face.jpg faces/ [--checkpoint best] [--json|--csv] [--top-k 3]
+  python -m faer_jax.predict --workdir runs/demo --detect photo.jpg [--json|--csv] [--align rafdb|celeba]
 
 Images get exactly the evaluation preprocessing (faer_jax.data.transforms) and
 go through the model in batches compiled once. Expressions: the predicted class
@@ -8,6 +9,13 @@ and every class's probability; attributes: each attribute's probability and
 the set above 0.5 (logit > 0, the paper's threshold). A file that cannot be
 read is named on stderr and the exit status is 1, after the other files'
 predictions are printed; with --skip-bad it is listed under "skipped" instead.
+
+Without --detect each file is taken to be an aligned face crop, like the
+datasets' images. With --detect each file is a photograph: every face in it is
+found (MTCNN, faer_jax.faces), aligned to the training data's geometry (RAF-DB's
+five-landmark 100×100 crops for expressions, CelebA's eye-aligned 178×218 for
+attributes; --align chooses) and predicted; a photo without a face has an empty
+list of faces.
 --workdir may also be a directory written by `python -m faer_jax.interop import`.
 
 As a library: `load_model(workdir)` gives a trained (or imported) model ready to
@@ -34,6 +42,7 @@ from faer_jax.data.celeba import ATTRIBUTE_NAMES
 from faer_jax.data.errors import ImageReadError
 from faer_jax.data.rafdb import CLASS_NAMES as RAFDB_NAMES
 
+ALIGN_LAYOUTS = ("rafdb", "celeba")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 # Names for a model that came without them (an imported PyTorch checkpoint):
@@ -171,6 +180,11 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--batch-size", type=int, default=32)
   p.add_argument("--skip-bad", action="store_true", help="List unreadable files as skipped instead of failing.")
   p.add_argument("--class-names", help="Comma-separated names, for an imported model without them.")
+  p.add_argument("--detect", action="store_true",
+                 help="The inputs are photographs: find, align and predict every face (faer_jax.faces).")
+  p.add_argument("--align", choices=ALIGN_LAYOUTS,
+                 help="With --detect: the aligned geometry (default: rafdb for expressions, celeba for attributes).")
+  p.add_argument("--min-face-size", type=int, default=20, help="With --detect: the smallest face, in pixels.")
   return p
 
 
@@ -201,7 +215,36 @@ def predict_files(loaded: LoadedModel, paths, batch_size: int = 32, top_k: int =
   return predictions, unreadable
 
 
-def _describe(loaded, path: str, probs: np.ndarray, top_k: int) -> dict:
+def predict_faces(loaded: LoadedModel, paths, batch_size: int = 32, top_k: int = 3, layout: str | None = None,
+                  min_face_size: int = 20):
+  """(records, unreadable) for photographs: per image its path and `faces`, each with box, score, landmarks and
+  the prediction of its aligned crop (the keys `predict_files` gives a file)."""
+  from faer_jax.faces import align, detect
+  layout = layout or ("rafdb" if loaded.task == "fer" else "celeba")
+  run = batched_logits(loaded, batch_size)
+  records, unreadable, crops, faces = [], [], [], []
+  for path in paths:
+    try:
+      image = image_io.decode_image(path)
+    except ImageReadError as e:
+      unreadable.append({"path": path, "reason": e.reason})
+      continue
+    record = {"path": path, "faces": []}
+    records.append(record)
+    for face in detect.detect_faces(image, min_face_size=min_face_size):
+      record["faces"].append({"box": [round(v, 2) for v in face.box], "score": face.score,
+                              "landmarks": np.round(face.landmarks, 2).tolist()})
+      aligned = align.align_face(image, face.landmarks, layout)
+      crops.append(transforms.normalize(transforms.resize(aligned, loaded.image_size, loaded.aspect)))
+      faces.append(record["faces"][-1])
+  if crops:
+    for face, probs in zip(faces, probabilities(loaded.task, run(np.stack(crops)))):
+      face.update(_describe(loaded, None, probs, top_k))
+      del face["path"]
+  return records, unreadable
+
+
+def _describe(loaded, path: str | None, probs: np.ndarray, top_k: int) -> dict:
   names = loaded.class_names
   out = {"path": path, "probabilities": {n: float(p) for n, p in zip(names, probs)}}
   if loaded.task == "fer":
@@ -226,27 +269,49 @@ def main(argv=None) -> int:
   if not paths:
     print(f"error: no image files in {args.inputs}", file=sys.stderr)
     return 2
-  predictions, unreadable = predict_files(loaded, paths, args.batch_size, args.top_k)
+  if args.detect:
+    try:
+      predictions, unreadable = predict_faces(loaded, paths, args.batch_size, args.top_k, args.align,
+                                              args.min_face_size)
+    except FileNotFoundError as e:  # the detector's weights are not installed
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+  else:
+    predictions, unreadable = predict_files(loaded, paths, args.batch_size, args.top_k)
   if args.json:
     print(json.dumps({"workdir": args.workdir, "step": loaded.step, "task": loaded.task,
                       "class_names": list(loaded.class_names), "predictions": predictions,
                       "skipped" if args.skip_bad else "unreadable": unreadable}))
   elif args.csv:
-    writer = csv.writer(sys.stdout)
-    writer.writerow(["path", "prediction", *loaded.class_names])
-    for p in predictions:
-      decision = p.get("predicted") or ";".join(p["attributes"])
-      writer.writerow([p["path"], decision, *(f"{p['probabilities'][n]:.6f}" for n in loaded.class_names)])
+    _write_csv(loaded, predictions, args.detect)
   else:
     for p in predictions:
-      if loaded.task == "fer":
-        ranked = ", ".join(f"{n} {100 * q:.1f}%" for n, q in p["top_k"])
-        print(f"{p['path']}: {p['predicted']}  ({ranked})")
-      else:
-        print(f"{p['path']}: {', '.join(p['attributes']) or '(none)'}")
+      if not args.detect:
+        print(f"{p['path']}: {_decision(loaded, p)}")
+        continue
+      print(f"{p['path']}: {len(p['faces'])} face{'' if len(p['faces']) == 1 else 's'}")
+      for i, face in enumerate(p["faces"]):
+        print(f"  {i}: [{', '.join(f'{v:.0f}' for v in face['box'])}] {_decision(loaded, face)}")
   for bad in unreadable:
     print(f"{'skipped' if args.skip_bad else 'error'}: cannot read {bad['path']}: {bad['reason']}", file=sys.stderr)
   return 1 if unreadable and not args.skip_bad else 0
+
+
+def _decision(loaded, p: dict) -> str:
+  if loaded.task == "fer":
+    return f"{p['predicted']}  (" + ", ".join(f"{n} {100 * q:.1f}%" for n, q in p["top_k"]) + ")"
+  return ", ".join(p["attributes"]) or "(none)"
+
+
+def _write_csv(loaded, predictions, faces: bool) -> None:
+  """One row per file, or with --detect per face (index and box after the path)."""
+  writer = csv.writer(sys.stdout)
+  writer.writerow(["path", *(("face", "x0", "y0", "x1", "y1") if faces else ()), "prediction", *loaded.class_names])
+  rows = ([(p["path"], i, *f["box"], f) for p in predictions for i, f in enumerate(p["faces"])] if faces
+          else [(p["path"], p) for p in predictions])
+  for *head, p in rows:
+    decision = p.get("predicted") or ";".join(p["attributes"])
+    writer.writerow([*head, decision, *(f"{p['probabilities'][n]:.6f}" for n in loaded.class_names)])
 
 
 if __name__ == "__main__":

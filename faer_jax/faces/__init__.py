@@ -1,0 +1,1 @@
+"""Faces in photographs: detection (MTCNN), alignment to the training data's geometry."""
