@@ -2,6 +2,7 @@ r"""Run a trained or imported FAER on image files.
 
   python -m faer_jax.predict --workdir runs/demo face.jpg faces/ [--checkpoint best] [--json|--csv] [--top-k 3]
   python -m faer_jax.predict --workdir runs/demo --detect photo.jpg [--json|--csv] [--align rafdb|celeba]
+  python -m faer_jax.predict --workdir runs/demo --video in.mp4 --out out.mp4 [--every N]
 
 Images get exactly the evaluation preprocessing (faer_jax.data.transforms) and
 go through the model in batches compiled once. Expressions: the predicted class
@@ -15,7 +16,8 @@ datasets' images. With --detect each file is a photograph: every face in it is
 found (MTCNN, faer_jax.faces), aligned to the training data's geometry (RAF-DB's
 five-landmark 100×100 crops for expressions, CelebA's eye-aligned 178×218 for
 attributes; --align chooses) and predicted; a photo without a face has an empty
-list of faces.
+list of faces. With --video, the same for the frames of a video, written as an
+annotated video and a CSV (faer_jax.faces.video).
 --workdir may also be a directory written by `python -m faer_jax.interop import`.
 
 As a library: `load_model(workdir)` gives a trained (or imported) model ready to
@@ -170,7 +172,7 @@ def probabilities(task: str, logits: np.ndarray) -> np.ndarray:
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m faer_jax.predict", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
+  p.add_argument("inputs", nargs="*", metavar="IMAGE_OR_FOLDER")
   p.add_argument("--workdir", required=True, help="A training run's workdir, or an imported model's directory.")
   p.add_argument("--checkpoint", default="latest", help="latest, best or a step (training runs).")
   fmt = p.add_mutually_exclusive_group()
@@ -185,6 +187,12 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--align", choices=ALIGN_LAYOUTS,
                  help="With --detect: the aligned geometry (default: rafdb for expressions, celeba for attributes).")
   p.add_argument("--min-face-size", type=int, default=20, help="With --detect: the smallest face, in pixels.")
+  p.add_argument("--annotate", metavar="OUT_DIR",
+                 help="With --detect: write each photo to OUT_DIR/NAME.png with its faces' boxes, landmarks and "
+                      "predictions drawn on it.")
+  p.add_argument("--video", metavar="IN", help="A video: write --out with its faces drawn, and --out's .csv.")
+  p.add_argument("--out", metavar="OUT.mp4", help="With --video: the annotated video.")
+  p.add_argument("--every", type=int, default=1, help="With --video: analyse every N-th frame.")
   return p
 
 
@@ -215,32 +223,48 @@ def predict_files(loaded: LoadedModel, paths, batch_size: int = 32, top_k: int =
   return predictions, unreadable
 
 
-def predict_faces(loaded: LoadedModel, paths, batch_size: int = 32, top_k: int = 3, layout: str | None = None,
-                  min_face_size: int = 20):
-  """(records, unreadable) for photographs: per image its path and `faces`, each with box, score, landmarks and
-  the prediction of its aligned crop (the keys `predict_files` gives a file)."""
+def describe_faces(loaded: LoadedModel, images: Sequence[np.ndarray], run, layout: str | None = None,
+                   min_face_size: int = 20, top_k: int = 3) -> list[list[dict]]:
+  """The faces of each uint8 RGB image: box, score, landmarks and the prediction of the aligned crop (the keys
+  `predict_files` gives a file), all crops through `run` (a `batched_logits` function) together."""
   from faer_jax.faces import align, detect
   layout = layout or ("rafdb" if loaded.task == "fer" else "celeba")
-  run = batched_logits(loaded, batch_size)
-  records, unreadable, crops, faces = [], [], [], []
-  for path in paths:
-    try:
-      image = image_io.decode_image(path)
-    except ImageReadError as e:
-      unreadable.append({"path": path, "reason": e.reason})
-      continue
-    record = {"path": path, "faces": []}
-    records.append(record)
+  out, crops, faces = [], [], []
+  for image in images:
+    out.append([])
     for face in detect.detect_faces(image, min_face_size=min_face_size):
-      record["faces"].append({"box": [round(v, 2) for v in face.box], "score": face.score,
-                              "landmarks": np.round(face.landmarks, 2).tolist()})
+      out[-1].append({"box": [round(v, 2) for v in face.box], "score": face.score,
+                      "landmarks": np.round(face.landmarks, 2).tolist()})
       aligned = align.align_face(image, face.landmarks, layout)
       crops.append(transforms.normalize(transforms.resize(aligned, loaded.image_size, loaded.aspect)))
-      faces.append(record["faces"][-1])
+      faces.append(out[-1][-1])
   if crops:
     for face, probs in zip(faces, probabilities(loaded.task, run(np.stack(crops)))):
       face.update(_describe(loaded, None, probs, top_k))
       del face["path"]
+  return out
+
+
+def predict_faces(loaded: LoadedModel, paths, batch_size: int = 32, top_k: int = 3, layout: str | None = None,
+                  min_face_size: int = 20):
+  """(records, unreadable) for photographs: per image its `path` and `faces` (see `describe_faces`)."""
+  run = batched_logits(loaded, batch_size)
+  records, unreadable, pending = [], [], []
+
+  def flush():
+    for record, faces in zip(pending, describe_faces(loaded, [image for _, image in pending], run, layout,
+                                                     min_face_size, top_k)):
+      records.append({"path": record[0], "faces": faces})
+    pending.clear()
+
+  for path in paths:
+    try:
+      pending.append((path, image_io.decode_image(path)))
+    except ImageReadError as e:
+      unreadable.append({"path": path, "reason": e.reason})
+    if len(pending) == batch_size:
+      flush()
+  flush()
   return records, unreadable
 
 
@@ -265,6 +289,11 @@ def main(argv=None) -> int:
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  if args.annotate and not args.detect:
+    print("error: --annotate draws the faces --detect finds: add --detect", file=sys.stderr)
+    return 2
+  if args.video:
+    return _video(args, loaded)
   paths = expand_inputs(args.inputs)
   if not paths:
     print(f"error: no image files in {args.inputs}", file=sys.stderr)
@@ -276,6 +305,8 @@ def main(argv=None) -> int:
     except FileNotFoundError as e:  # the detector's weights are not installed
       print(f"error: {e}", file=sys.stderr)
       return 2
+    if args.annotate:
+      write_annotated(loaded, predictions, args.annotate)
   else:
     predictions, unreadable = predict_files(loaded, paths, args.batch_size, args.top_k)
   if args.json:
@@ -295,6 +326,40 @@ def main(argv=None) -> int:
   for bad in unreadable:
     print(f"{'skipped' if args.skip_bad else 'error'}: cannot read {bad['path']}: {bad['reason']}", file=sys.stderr)
   return 1 if unreadable and not args.skip_bad else 0
+
+
+def write_annotated(loaded: LoadedModel, records: list[dict], out_dir: str) -> list[str]:
+  """Each photo of `predict_faces`'s records as OUT_DIR/NAME.png with its faces drawn on it; returns the paths."""
+  from faer_jax.faces.annotate import annotate
+  os.makedirs(out_dir, exist_ok=True)
+  written, used = [], set()
+  for record in records:
+    stem = os.path.splitext(os.path.basename(record["path"]))[0]
+    name, k = f"{stem}.png", 1
+    while name in used:  # photos of the same name from different folders
+      name, k = f"{stem}_{k}.png", k + 1
+    used.add(name)
+    path = os.path.join(out_dir, name)
+    annotate(image_io.decode_image(record["path"]), record["faces"], loaded.task).save(path)
+    written.append(path)
+  return written
+
+
+def _video(args, loaded: LoadedModel) -> int:
+  from faer_jax.faces.video import VideoError, annotate_video
+  if not args.out or args.inputs:
+    print("error: --video IN takes --out OUT.mp4 and no image arguments", file=sys.stderr)
+    return 2
+  try:
+    done = annotate_video(loaded, args.video, args.out, every=args.every, batch_size=args.batch_size,
+                          layout=args.align, min_face_size=args.min_face_size, top_k=args.top_k)
+  except (VideoError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(json.dumps(done) if args.json else
+        f"{done['frames']} frames, {done['analysed']} analysed, {done['faces']} faces: wrote {done['video']} "
+        f"and {done['csv']}")
+  return 0
 
 
 def _decision(loaded, p: dict) -> str:

@@ -5,6 +5,7 @@ The photos are scikit-image's: `astronaut` (one face, Eileen Collins), `camera`
 face), and compositions of them with several faces.
 """
 
+import csv
 import json
 import os
 
@@ -13,7 +14,7 @@ import pytest
 from PIL import Image
 
 from faer_jax import predict
-from faer_jax.faces import align, detect, mtcnn
+from faer_jax.faces import align, annotate, detect, mtcnn
 from test_predict import trained  # noqa: F401  (the shrunk demo run, shared)
 from test_train import synth_root  # noqa: F401
 
@@ -137,3 +138,86 @@ def test_missing_detector_weights_is_one_line(monkeypatch):
 def test_detect_names_a_bad_array():
   with pytest.raises(ValueError, match=r"\(H, W, 3\) RGB image, got shape \(10, 10\)"):
     detect.detect_faces(np.zeros((10, 10), np.uint8))
+
+
+def test_annotate_draws_boxes_landmarks_and_labels(trained, photos, tmp_path, capsys):  # noqa: F811
+  paths = []
+  for folder, name in (("a", "pair"), ("b", "pair"), ("a", "coffee")):  # two photos named alike
+    os.makedirs(tmp_path / folder, exist_ok=True)
+    paths.append(str(tmp_path / folder / f"{name}.png"))
+    Image.fromarray(photos[name]).save(paths[-1])
+  out = tmp_path / "annotated"
+  assert predict.main(["--workdir", trained, "--detect", *paths, "--annotate", str(out), "--json"]) == 0
+  faces = [r["faces"] for r in json.loads(capsys.readouterr().out)["predictions"]]
+  assert sorted(os.listdir(out)) == ["coffee.png", "pair.png", "pair_1.png"]
+  drawn = np.asarray(Image.open(out / "pair.png"))
+  assert drawn.shape == photos["pair"].shape
+  changed = np.any(drawn != photos["pair"], axis=-1)
+  x0, y0, x1, y1 = (round(v) for v in faces[0][0]["box"])
+  assert changed[(y0 + y1) // 2, x0] and changed[(y0 + y1) // 2, x1]  # the box's sides
+  lx, ly = (round(v) for v in faces[0][0]["landmarks"][2])
+  assert tuple(drawn[ly, lx]) == annotate.LANDMARK_COLOR  # the nose tip
+  assert changed[max(y0 - 10, 0), x0 + 5]  # the label above the box
+  assert changed.mean() < 0.1 and not changed[500, 20]  # the rest of the photo untouched
+  assert np.array_equal(np.asarray(Image.open(out / "coffee.png")), photos["coffee"])  # no face: the photo as is
+  assert predict.main(["--workdir", trained, paths[0], "--annotate", str(out)]) == 2
+  assert capsys.readouterr().err.strip() == "error: --annotate draws the faces --detect finds: add --detect"
+
+
+def _write_video(path: str, frames: list[np.ndarray], fps: float = 10.0) -> None:
+  cv2 = pytest.importorskip("cv2")
+  height, width = frames[0].shape[:2]
+  writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+  for frame in frames:
+    writer.write(np.ascontiguousarray(frame[..., ::-1]))
+  writer.release()
+
+
+def test_video_round_trip(trained, photos, tmp_path, capsys):  # noqa: F811
+  cv2 = pytest.importorskip("cv2")
+  small = np.asarray(Image.fromarray(photos["astronaut"]).resize((256, 256)))
+  no_face = np.asarray(Image.fromarray(photos["coffee"]).resize((256, 256)))
+  frames = [np.roll(small, 6 * i, axis=1) for i in range(9)]
+  frames[4] = no_face
+  source, out = str(tmp_path / "in.mp4"), str(tmp_path / "out" / "annotated.mp4")
+  _write_video(source, frames)
+  assert predict.main(["--workdir", trained, "--video", source, "--out", out, "--every", "2", "--json"]) == 0
+  done = json.loads(capsys.readouterr().out)
+  assert done["frames"] == 9 and done["analysed"] == 5 and done["faces"] == 4 and done["size"] == [256, 256]
+  # The annotated video: every frame, the size kept, boxes drawn where there are faces.
+  capture = cv2.VideoCapture(out)
+  written = []
+  while True:
+    ok, frame = capture.read()
+    if not ok:
+      break
+    written.append(frame[..., ::-1])
+  assert len(written) == 9 and written[0].shape == (256, 256, 3)
+  assert np.abs(written[0].astype(int) - frames[0]).max() > 100  # drawn on (beyond the codec's error)
+  # The CSV: one row per face of each analysed frame; the frame without a face has one empty row.
+  with open(tmp_path / "out" / "annotated.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert [int(r["frame"]) for r in rows] == [0, 2, 4, 6, 8]
+  assert rows[2]["face"] == "" and rows[2]["prediction"] == "" and rows[2]["time"] == "0.400"
+  x0 = [float(r["x0"]) for r in rows if r["face"] == "0"]
+  assert np.all(np.diff(x0) > 0)  # the face moves right, 12 px per analysed frame
+  classes = list(rows[0])[9:]
+  assert rows[0]["prediction"] == max(classes, key=lambda n: float(rows[0][n]))
+  assert abs(sum(float(rows[0][n]) for n in classes) - 1) < 1e-5
+
+
+@pytest.mark.parametrize("make,args,message", [
+    (lambda p: p.write_text("not a video"), ["--out", "{tmp}/o.mp4"], "not a video OpenCV can open"),
+    (None, ["--out", "{tmp}/o.mp4"], "no such file"),
+    (lambda p: _write_video(str(p), [np.zeros((64, 64, 3), np.uint8)] * 2), [], "takes --out OUT.mp4"),
+    (lambda p: _write_video(str(p), [np.zeros((64, 64, 3), np.uint8)] * 2), ["--out", "{tmp}/o.mp4", "--every", "0"],
+     "--every 0"),
+])
+def test_video_bad_input_is_one_line(trained, tmp_path, capsys, make, args, message):  # noqa: F811
+  source = tmp_path / "in.mp4"
+  if make:
+    make(source)
+  argv = ["--workdir", trained, "--video", str(source), *[a.format(tmp=tmp_path) for a in args]]
+  assert predict.main(argv) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("error: ") and message in err and "\n" not in err
