@@ -65,10 +65,17 @@ def _parser() -> argparse.ArgumentParser:
   _model_args(p, required=True)
   p.add_argument("--out", required=True, help="Output directory (must not exist yet).")
   p.add_argument("--strict", action="store_true", help="Fail unless every tensor loads on both sides.")
-  p = sub.add_parser("export", help="Orbax checkpoint written by `import` -> PyTorch state dict.")
-  p.add_argument("--checkpoint", required=True, help="A directory written by `import`.")
+  p = sub.add_parser("export", help="A trained or imported model -> PyTorch state dict, safetensors or ONNX.")
+  p.add_argument("--checkpoint", required=True,
+                 help="A training run's workdir, or a directory written by `import`.")
+  p.add_argument("--step", default="latest", help="Of a training run: latest, best or a step number.")
   _model_args(p, required=False)
-  p.add_argument("--out", required=True, help="Output .pth (or .safetensors) file.")
+  p.add_argument("--out", required=True, help="Output .pth, .safetensors or .onnx file.")
+  p.add_argument("--format", choices=("pth", "safetensors", "onnx"),
+                 help="Default: from --out's extension (.onnx: onnx, .safetensors: safetensors, else pth).")
+  p.add_argument("--image-size", type=int,
+                 help="ONNX: the input's side (default: the training run's image size, 224 for an import).")
+  p.add_argument("--dynamic-batch", action="store_true", help="ONNX: a free batch dimension (default: 1).")
   p = sub.add_parser("check", help="Compare the PyTorch reference and the Flax model on one batch.")
   _model_args(p, required=True)
   p.add_argument("--torch-checkpoint", help="Weights for both models (default: random, perturbed).")
@@ -299,6 +306,43 @@ def _check(variant, num_classes, torch_checkpoint, batch_size, image_size, seed,
   return result
 
 
+def _export(args) -> int:
+  from faer_jax.interop import onnx_export
+  fmt = args.format or ("onnx" if args.out.endswith(".onnx") else
+                        "safetensors" if args.out.endswith(".safetensors") else "pth")
+  if not os.path.isdir(args.checkpoint):
+    raise ValueError(f"--checkpoint {args.checkpoint}: not a folder (a training run's workdir, or a directory "
+                     "written by `import`)")
+  if os.path.exists(os.path.join(args.checkpoint, "config.json")):  # a training run
+    from faer_jax import predict
+    loaded = predict.load_model(args.checkpoint, args.step)
+    flax_model, variables = loaded.model, {"params": loaded.params}
+    image_size, metadata = loaded.image_size, {"task": loaded.task, "class_names": list(loaded.class_names)}
+  else:
+    variables, variant, num_classes, cc_attention = load_imported(args.checkpoint, args.variant,
+                                                                  args.num_classes, not args.baseline)
+    flax_model = create_model(variant, num_classes, cc_attention=cc_attention)
+    image_size, metadata = 224, {"num_classes": num_classes}
+  kind = "the original FAER" if flax_model.use_cc_attention else "the Baseline (ConvNeXt)"
+  if fmt == "onnx":
+    try:
+      done = onnx_export.export_onnx(flax_model, variables, args.out, image_size=args.image_size or image_size,
+                                     dynamic_batch=args.dynamic_batch, metadata=metadata)
+    except ImportError as e:
+      raise ValueError(f"ONNX export needs torch, onnx, onnxscript and onnxruntime ({e}): "
+                       "pip install 'faer-jax[onnx]'") from None
+    size = done["image_size"]
+    print(f"Wrote {args.out}: {kind}, input images ({'N' if done['dynamic_batch'] else 1}, 3, {size}, {size}); "
+          "onnxruntime matches the Flax model to "
+          f"{done['max_rel_diff']:.1e} (relative) on {done['batch']} images.")
+    return 0
+  if fmt == "safetensors" and not args.out.endswith(".safetensors"):
+    raise ValueError(f"--format safetensors: name the file .safetensors, not {args.out}")
+  _write_state_dict(to_torch_state_dict(variables), args.out)
+  print(f"Wrote {args.out}: {kind}'s state dict ({flax_model.num_classes} classes).")
+  return 0
+
+
 def _check_train(args, overrides: list[str]) -> int:
   from faer_jax import config_lib
   config = config_lib.load_file(args.config)
@@ -334,11 +378,7 @@ def main(argv: list[str] | None = None) -> int:
       _save_variables(args.out, variables, args.variant, args.num_classes, not args.baseline)
       print(f"Wrote {os.path.abspath(args.out)}\n{report.summary()}")
     elif args.command == "export":
-      variables, variant, num_classes, cc_attention = load_imported(args.checkpoint, args.variant,
-                                                                    args.num_classes, not args.baseline)
-      _write_state_dict(to_torch_state_dict(variables), args.out)
-      kind = "the original FAER" if cc_attention else "the Baseline's (ConvNeXt's)"
-      print(f"Wrote {args.out}: {kind} state dict ({variant}, {num_classes} classes).")
+      return _export(args)
     else:
       result = check(args.variant, args.num_classes, args.torch_checkpoint, args.batch_size, args.image_size,
                      args.seed, args.torch_model, external.parse_kwargs(args.torch_model_kwargs),
@@ -360,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in result.items():
           print(f"{k:>22}: {v:.3e}" if isinstance(v, float) else f"{k:>22}: {v}")
       return 0 if ok else 1
-  except (CheckpointError, FileExistsError, ValueError) as e:
+  except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0
