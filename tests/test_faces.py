@@ -221,3 +221,19 @@ def test_video_bad_input_is_one_line(trained, tmp_path, capsys, make, args, mess
   assert predict.main(argv) == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_detector_comparison_matching_and_sets():
+  from faer_jax.faces import compare
+  face = (10, 10, 60, 60)
+  assert compare.match([(12, 8, 58, 62)], [face]) == (1, 0, 0)
+  assert compare.match([(12, 8, 58, 62), (14, 10, 56, 60)], [face]) == (1, 1, 0)  # one face, one match
+  assert compare.match([(0, 0, 200, 200)], [face]) == (0, 1, 1)  # the center inside, but far too big
+  assert compare.match([(70, 10, 120, 60)], [face]) == (0, 1, 1)
+  mosaics = compare.lfw_mosaics()
+  assert len(mosaics) == 20 and sum(len(faces) for _, _, faces in mosaics) == 100
+  photos = compare.photographs()
+  assert sum(len(faces) for _, _, faces in photos) == 7
+  # The hand-marked boxes are where MTCNN finds the faces (and so where the other detectors are looked for).
+  for name, image, faces in photos[:2] + photos[-2:]:
+    assert compare.match([f.box for f in detect.detect_faces(image)], faces) == (len(faces), 0, 0), name
