@@ -237,3 +237,33 @@ def test_detector_comparison_matching_and_sets():
   # The hand-marked boxes are where MTCNN finds the faces (and so where the other detectors are looked for).
   for name, image, faces in photos[:2] + photos[-2:]:
     assert compare.match([f.box for f in detect.detect_faces(image)], faces) == (len(faces), 0, 0), name
+
+
+def test_attribute_models_get_celeba_crops_and_attribute_sets(photos, tmp_path, capsys, torch):
+  from faer_jax.interop import cli
+  from faer_jax.interop.external import perturb
+  from faer_jax.interop.torch_reference import create_torch_model
+  torch.manual_seed(0)
+  torch.save(perturb(create_torch_model("test", 40), seed=2).state_dict(), tmp_path / "celeba.pth")
+  imported = str(tmp_path / "imported")
+  assert cli.main(["import", "--torch-checkpoint", str(tmp_path / "celeba.pth"), "--variant", "test",
+                   "--num-classes", "40", "--out", imported]) == 0
+  path = str(tmp_path / "astronaut.png")
+  Image.fromarray(photos["astronaut"]).save(path)
+  capsys.readouterr()
+  assert predict.main(["--workdir", imported, "--detect", path, "--json"]) == 0
+  out = json.loads(capsys.readouterr().out)
+  assert out["task"] == "fae" and len(out["class_names"]) == 40
+  (face,) = out["predictions"][0]["faces"]
+  assert "predicted" not in face and len(face["probabilities"]) == 40
+  assert face["attributes"] == [n for n in out["class_names"] if face["probabilities"][n] > 0.5]
+  # The crop the model saw is CelebA's eye-aligned 178 × 218, preprocessed as a CelebA file would be.
+  loaded = predict.load_model(imported)
+  (detected,) = detect.detect_faces(photos["astronaut"])
+  crop_path = str(tmp_path / "crop.png")
+  Image.fromarray(align.align_face(photos["astronaut"], detected.landmarks, "celeba")).save(crop_path)
+  assert Image.open(crop_path).size == (178, 218)
+  (as_file,), _ = predict.predict_files(loaded, [crop_path])
+  names = out["class_names"]
+  np.testing.assert_allclose([face["probabilities"][n] for n in names], [as_file["probabilities"][n] for n in names],
+                             rtol=1e-5)
