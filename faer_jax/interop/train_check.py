@@ -249,13 +249,10 @@ def check_train(config: ml_collections.ConfigDict, *, num_steps: int = 20, steps
   """
   import torch
   from faer_jax import config_lib, sharding, train
-  from faer_jax.interop.torch_io import read_state_dict
-  from faer_jax.interop.torch_reference import create_torch_model
 
   if num_steps < 1 or steps_per_epoch < 1:
     raise TrainCheckError(f"--steps {num_steps} and --steps-per-epoch {steps_per_epoch} must be >= 1")
   config = _config_for_check(config, batch_size, image_size)
-  synthetic = data_root is None
   if data_root is not None:
     if not os.path.isdir(data_root):
       raise TrainCheckError(f"--data-root {data_root}: not a folder")
@@ -264,31 +261,10 @@ def check_train(config: ml_collections.ConfigDict, *, num_steps: int = 20, steps
     config_lib.validate(_with_root(config))
   except ValueError as e:
     raise TrainCheckError(str(e)) from None
-  batches, data_origin = draw_batches(config, num_steps, synthetic)
-  variant, num_classes, cc_attention = config.model.variant, config.num_classes, config.model.cc_attention
-  center_loss = steps_lib.uses_center_loss(config)
-
-  # The PyTorch model and the weights both sides start from.
-  torch.manual_seed(seed)
-  if torch_model:
-    inner = external.load_torch_model(torch_model, torch_model_kwargs)
-    external.check_sizes(inner, variant, num_classes, cc_attention)
-  else:
-    inner = create_torch_model(variant, num_classes, cc_attention=cc_attention,
-                               layer_scale_init_value=config.model.layer_scale_init_value,
-                               head_init_scale=config.model.head_init_scale)
-  inner = inner.float()
-  if torch_checkpoint:
-    state_dict, _ = read_state_dict(torch_checkpoint)
-    external.load_weights(inner, state_dict, torch_checkpoint, require_all=True)
-    weights = f"{torch_checkpoint}"
-  else:
-    external.perturb(inner, seed)
-    weights = "the PyTorch model's initialisation + N(0, 0.05) noise"
-  inner.train()
+  batches, data_origin = draw_batches(config, num_steps, synthetic=data_root is None)
+  inner, weights = _torch_model(config, torch_model, torch_model_kwargs, torch_checkpoint, seed)
   # Copies: a CPU jax.Array may share a numpy array's memory, which torch's optimizer overwrites.
-  state_dict = {mapping.normalize_key(k, mapping.is_timm_layout(inner.state_dict())): v.detach().numpy().copy()
-                for k, v in inner.state_dict().items()}
+  state_dict = {k: v.detach().numpy().copy() for k, v in inner.state_dict().items()}
 
   # The JAX side: train's own programs on one device.
   mesh = sharding.create_mesh(1, devices=jax.devices()[:1])
@@ -299,12 +275,14 @@ def check_train(config: ml_collections.ConfigDict, *, num_steps: int = 20, steps
   state = jax.device_put(state, programs.state_sharding)
   table = mapping.build_table(variables["params"])
 
+  # The PyTorch side: the optimizer, the centers, the tensors to compare under the Flax side's names.
   optimizer, after_step = _torch_optimizer(config, inner, table, steps_per_epoch)
-  centers = torch.zeros(num_classes, get_variant(variant).dims[-1]) if center_loss else None
-  feature_dim = get_variant(variant).dims[-1]
+  feature_dim = get_variant(config.model.variant).dims[-1]
+  center_loss = steps_lib.uses_center_loss(config)
+  centers = torch.zeros(config.num_classes, feature_dim) if center_loss else None
   timm = mapping.is_timm_layout(n for n, _ in inner.named_parameters())
-  named = [(mapping.normalize_key(n, timm), p) for n, p in inner.named_parameters()]
-  compared = [(k, p) for k, p in named if k in table]
+  compared = [(k, p) for k, p in ((mapping.normalize_key(n, timm), p) for n, p in inner.named_parameters())
+              if k in table]
   if len(compared) != len(table):
     missing = sorted(set(table) - {k for k, _ in compared})
     raise TrainCheckError(f"the PyTorch model lacks {len(missing)} of the Flax model's tensors, e.g. "
@@ -312,14 +290,13 @@ def check_train(config: ml_collections.ConfigDict, *, num_steps: int = 20, steps
 
   records: list[Step] = []
   first_failure = None
-  worst = (0.0, None, None)
   for i, batch in enumerate(batches):
-    # PyTorch.
+    # PyTorch: a step as a training script takes it.
     images = torch.from_numpy(np.ascontiguousarray(batch["image"].transpose(0, 3, 1, 2)))
     labels = torch.from_numpy(np.asarray(batch["label"], np.int64))
     lr = max(group["lr"] for group in optimizer.param_groups)  # the new layers'; the backbone's × multiplier
     optimizer.zero_grad(set_to_none=True)
-    features, logits = external.features_and_logits(inner(images), len(labels), num_classes, feature_dim)
+    features, logits = external.features_and_logits(inner(images), len(labels), config.num_classes, feature_dim)
     if center_loss and features is None:
       raise TrainCheckError("the --torch-model returns no pooled features, which the center loss needs")
     loss = _torch_objective(config, features, logits, labels, centers)
@@ -331,42 +308,31 @@ def check_train(config: ml_collections.ConfigDict, *, num_steps: int = 20, steps
     if center_loss:
       _torch_update_centers(centers, features.detach(), labels, config.loss.center_alpha)
     after_step(i + 1)
-    # JAX.
+    # JAX: train's step.
     state, metrics = programs.train_step(state, sharding.make_global_batch(batch, mesh))
     metrics = jax.device_get(metrics)
+    # Both, compared.
     ours = to_torch_state_dict({"params": jax.device_get(state["params"])})
     diffs = {k: _rel(ours[k], p.detach().numpy()) for k, p in compared}
     held = {k: d for k, d in diffs.items() if k not in SHIFT_INVARIANT}
     tensor = max(held, key=held.get)
     shift = [d for k, d in diffs.items() if k in SHIFT_INVARIANT]
-    centers_diff = _rel(np.asarray(jax.device_get(state["centers"])), centers.numpy()) if center_loss else None
     record = Step(step=i + 1, epoch=i // steps_per_epoch, learning_rate=float(lr),
                   loss_jax=float(metrics["loss"]), loss_torch=loss.item(),
                   loss_rel_diff=abs(float(metrics["loss"]) - loss.item()) / max(abs(loss.item()), 1e-30),
                   grad_norm_jax=float(metrics["grad_norm"]), grad_norm_torch=grad_norm.item(),
-                  param_rel_diff=held[tensor], worst_tensor=tensor, centers_rel_diff=centers_diff,
+                  param_rel_diff=held[tensor], worst_tensor=tensor,
+                  centers_rel_diff=_rel(np.asarray(state["centers"]), centers.numpy()) if center_loss else None,
                   shift_invariant_rel_diff=max(shift) if shift else None)
     records.append(record)
-    candidates = [(held[tensor], tensor), (record.loss_rel_diff * tolerance / loss_tolerance, "loss")]
-    if centers_diff is not None:
-      candidates.append((centers_diff, "centers"))
-    value, where = max(candidates)
-    if value > worst[0]:
-      worst = (value, where, i + 1)
-    if first_failure is None:
-      if record.loss_rel_diff > loss_tolerance:
-        first_failure = {"step": i + 1, "tensor": "loss", "rel_diff": record.loss_rel_diff}
-      elif held[tensor] > tolerance:
-        first_failure = {"step": i + 1, "tensor": tensor, "rel_diff": held[tensor]}
-      elif centers_diff is not None and centers_diff > tolerance:
-        first_failure = {"step": i + 1, "tensor": "centers", "rel_diff": centers_diff}
+    first_failure = first_failure or _failure(record, tolerance, loss_tolerance)
   max_param = max(records, key=lambda r: r.param_rel_diff)
-  return {"config": {"task": config.task, "variant": variant, "num_classes": num_classes,
-                     "cc_attention": cc_attention, "loss": config.loss.name,
+  return {"config": {"task": config.task, "variant": config.model.variant, "num_classes": config.num_classes,
+                     "cc_attention": config.model.cc_attention, "loss": config.loss.name,
                      "center_loss_weight": config.loss.center_loss_weight if center_loss else 0.0,
                      "batch_size": config.batch_size, "image_size": config.image_size,
-                     "steps_per_epoch": steps_per_epoch, **{f"optimizer.{k}": v for k, v in
-                                                             config.optimizer.to_dict().items()}},
+                     "steps_per_epoch": steps_per_epoch,
+                     **{f"optimizer.{k}": v for k, v in config.optimizer.to_dict().items()}},
           "torch_model": torch_model or "faer_jax.interop.torch_reference", "weights": weights,
           "data": data_origin, "drop_path": "off on both sides", "dtype": "float32",
           "conv_impl": config.model.conv_impl, "backend": jax.default_backend(),
@@ -375,9 +341,44 @@ def check_train(config: ml_collections.ConfigDict, *, num_steps: int = 20, steps
           "steps": [dataclasses.asdict(r) for r in records],
           "max_param_rel_diff": max_param.param_rel_diff, "max_param_rel_diff_tensor": max_param.worst_tensor,
           "max_param_rel_diff_step": max_param.step,
-          "max_centers_rel_diff": max((r.centers_rel_diff for r in records), default=None) if center_loss else None,
+          "max_centers_rel_diff": max(r.centers_rel_diff for r in records) if center_loss else None,
           "max_loss_rel_diff": max(r.loss_rel_diff for r in records),
           "first_failure": first_failure, "passed": first_failure is None}
+
+
+def _torch_model(config, torch_model, torch_model_kwargs, torch_checkpoint, seed):
+  """(the PyTorch model in train mode, with the weights both sides start from; how they were made)."""
+  import torch
+  from faer_jax.interop.torch_io import read_state_dict
+  from faer_jax.interop.torch_reference import create_torch_model
+  torch.manual_seed(seed)
+  variant, num_classes, cc_attention = config.model.variant, config.num_classes, config.model.cc_attention
+  if torch_model:
+    inner = external.load_torch_model(torch_model, torch_model_kwargs)
+    external.check_sizes(inner, variant, num_classes, cc_attention)
+  else:
+    inner = create_torch_model(variant, num_classes, cc_attention=cc_attention,
+                               layer_scale_init_value=config.model.layer_scale_init_value,
+                               head_init_scale=config.model.head_init_scale)
+  inner = inner.float()
+  if torch_checkpoint:
+    state_dict, _ = read_state_dict(torch_checkpoint)
+    external.load_weights(inner, state_dict, torch_checkpoint, require_all=True)
+    weights = torch_checkpoint
+  else:
+    external.perturb(inner, seed)
+    weights = "the PyTorch model's initialisation + N(0, 0.05) noise"
+  return inner.train(), weights
+
+
+def _failure(record: Step, tolerance: float, loss_tolerance: float) -> dict | None:
+  """The step's first breach of a tolerance (the loss, then the worst tensor, then the centers), or None."""
+  for what, value, limit in (("loss", record.loss_rel_diff, loss_tolerance),
+                             (record.worst_tensor, record.param_rel_diff, tolerance),
+                             ("centers", record.centers_rel_diff, tolerance)):
+    if value is not None and value > limit:
+      return {"step": record.step, "tensor": what, "rel_diff": value}
+  return None
 
 
 def _with_root(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
