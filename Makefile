@@ -26,11 +26,11 @@ demo: $(VENV)/.installed-base
 
 test: $(VENV)/.installed-test
 	$(PY) -m ruff check -q faer_jax tests configs
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --dist worksteal tests
 
 test-fast: $(VENV)/.installed-test
 	$(PY) -m ruff check -q faer_jax tests configs
-	$(PY) -m pytest -q -n 2 -m "not slow" tests
+	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow" tests
 
 clean-venv:
 	rm -rf $(VENV)

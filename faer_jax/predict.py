@@ -347,6 +347,11 @@ def write_annotated(loaded: LoadedModel, records: list[dict], out_dir: str) -> l
 
 def _video(args, loaded: LoadedModel) -> int:
   from faer_jax.faces.video import VideoError, annotate_video
+  try:
+    import cv2  # noqa: F401
+  except ImportError:
+    print("error: --video reads and writes videos with OpenCV: pip install 'faer-jax[faces]'", file=sys.stderr)
+    return 2
   if not args.out or args.inputs:
     print("error: --video IN takes --out OUT.mp4 and no image arguments", file=sys.stderr)
     return 2
