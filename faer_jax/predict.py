@@ -247,7 +247,8 @@ def describe_faces(loaded: LoadedModel, images: Sequence[np.ndarray], run, layou
 
 def predict_faces(loaded: LoadedModel, paths, batch_size: int = 32, top_k: int = 3, layout: str | None = None,
                   min_face_size: int = 20):
-  """(records, unreadable) for photographs: per image its `path` and `faces` (see `describe_faces`)."""
+  """(records, unreadable) for photographs: per image its `path` and `faces` (see `describe_faces`), in
+  pixels of the photo as displayed (its EXIF orientation applied)."""
   run = batched_logits(loaded, batch_size)
   records, unreadable, pending = [], [], []
 
@@ -259,7 +260,7 @@ def predict_faces(loaded: LoadedModel, paths, batch_size: int = 32, top_k: int =
 
   for path in paths:
     try:
-      pending.append((path, image_io.decode_image(path)))
+      pending.append((path, image_io.decode_image(path, exif_orientation=True)))
     except ImageReadError as e:
       unreadable.append({"path": path, "reason": e.reason})
     if len(pending) == batch_size:
@@ -340,7 +341,7 @@ def write_annotated(loaded: LoadedModel, records: list[dict], out_dir: str) -> l
       name, k = f"{stem}_{k}.png", k + 1
     used.add(name)
     path = os.path.join(out_dir, name)
-    annotate(image_io.decode_image(record["path"]), record["faces"], loaded.task).save(path)
+    annotate(image_io.decode_image(record["path"], exif_orientation=True), record["faces"], loaded.task).save(path)
     written.append(path)
   return written
 

@@ -267,3 +267,18 @@ def test_attribute_models_get_celeba_crops_and_attribute_sets(photos, tmp_path, 
   names = out["class_names"]
   np.testing.assert_allclose([face["probabilities"][n] for n in names], [as_file["probabilities"][n] for n in names],
                              rtol=1e-5)
+
+
+def test_a_phone_photo_is_read_the_way_it_is_displayed(trained, photos, tmp_path, capsys):  # noqa: F811
+  # Stored sideways with EXIF orientation 6 ("turn 90° clockwise to display"), as phone cameras write them.
+  stored = Image.fromarray(np.rot90(photos["astronaut"], k=1).copy())
+  exif = stored.getexif()
+  exif[0x0112] = 6
+  path = str(tmp_path / "phone.jpg")
+  stored.save(path, quality=95, exif=exif)
+  out = tmp_path / "annotated"
+  assert predict.main(["--workdir", trained, "--detect", path, "--json", "--annotate", str(out)]) == 0
+  (face,) = json.loads(capsys.readouterr().out)["predictions"][0]["faces"]
+  (upright,) = detect.detect_faces(photos["astronaut"])
+  np.testing.assert_allclose(face["box"], upright.box, atol=4)
+  assert np.asarray(Image.open(out / "phone.png")).shape == photos["astronaut"].shape

@@ -13,7 +13,7 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from faer_jax.data.errors import DataError, ImageReadError
 
@@ -23,12 +23,15 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 Size = int | tuple[int, int]
 
 
-def decode_image(path_or_bytes, *, name: str | None = None, min_size: Size | None = None) -> np.ndarray:
+def decode_image(path_or_bytes, *, name: str | None = None, min_size: Size | None = None,
+                 exif_orientation: bool = False) -> np.ndarray:
   """Decodes an image to a uint8 (height, width, 3) RGB array.
 
   Greyscale, palette, CMYK and alpha images are converted to RGB. EXIF
-  orientation is ignored on purpose: the datasets are aligned face crops whose
+  orientation is ignored by default: the datasets are aligned face crops whose
   pixels are already upright, and rotating would undo the alignment.
+  Photographs (a camera's or phone's) are turned as their EXIF says with
+  `exif_orientation=True`, so that pixels are those of the photo as displayed.
 
   Args:
     path_or_bytes: a file path, or the encoded bytes.
@@ -36,6 +39,7 @@ def decode_image(path_or_bytes, *, name: str | None = None, min_size: Size | Non
     min_size: when given, a JPEG may be decoded at a reduced scale (1/2, 1/4,
       1/8; much faster for large files) as long as neither side falls below
       this size. Other formats ignore it.
+    exif_orientation: apply the EXIF orientation tag (photographs).
 
   Returns:
     The decoded image; a fresh, writable array.
@@ -55,6 +59,8 @@ def decode_image(path_or_bytes, *, name: str | None = None, min_size: Size | Non
         height, width = (min_size, min_size) if isinstance(min_size, int) else min_size
         # Picks the largest scale-down that keeps both sides >= the request.
         image.draft("RGB", (width, height))
+      if exif_orientation:
+        image = ImageOps.exif_transpose(image)
       return _to_rgb_array(image)
   except FileNotFoundError:
     raise ImageReadError(label, "file not found") from None
