@@ -132,7 +132,8 @@ def _parser() -> argparse.ArgumentParser:
                  help="Largest relative distance ||θ_jax − θ_torch|| / ||θ_torch|| of any parameter tensor (and "
                       f"of the centers) after any step (default {train_check.TOLERANCE:g}); the losses may differ "
                       f"by --loss-tolerance ({train_check.LOSS_TOLERANCE:g}).")
-  p.add_argument("--loss-tolerance", type=float, default=train_check.LOSS_TOLERANCE)
+  p.add_argument("--loss-tolerance", type=float, default=train_check.LOSS_TOLERANCE,
+                 help="Largest relative difference of a step's two losses.")
   p.add_argument("--json", action="store_true",
                  help="Print one JSON object: the setting, `steps` (one record per step), `max_param_rel_diff`, "
                       "`first_failure` and `passed`.")
