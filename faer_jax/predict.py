@@ -281,17 +281,31 @@ def _describe(loaded, path: str | None, probs: np.ndarray, top_k: int) -> dict:
   return out
 
 
+def _flag_error(args) -> str | None:
+  """What is wrong with the flags taken together, checked before the model loads."""
+  if args.annotate and not args.detect:
+    return "--annotate draws the faces --detect finds: add --detect"
+  if args.video and (not args.out or args.inputs):
+    return "--video IN takes --out OUT.mp4 and no image arguments"
+  if not args.video and not args.inputs:
+    return "no images given (or --video IN --out OUT.mp4)"
+  if args.every < 1 or args.min_face_size < 1:
+    return f"--every {args.every} and --min-face-size {args.min_face_size} must be >= 1"
+  return None
+
+
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
+  problem = _flag_error(args)
+  if problem:
+    print(f"error: {problem}", file=sys.stderr)
+    return 2
   compile_cache.enable()
   try:
     loaded = load_model(args.workdir, args.checkpoint,
                                   args.class_names.split(",") if args.class_names else None)
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
-    return 2
-  if args.annotate and not args.detect:
-    print("error: --annotate draws the faces --detect finds: add --detect", file=sys.stderr)
     return 2
   if args.video:
     return _video(args, loaded)
@@ -352,9 +366,6 @@ def _video(args, loaded: LoadedModel) -> int:
     import cv2  # noqa: F401
   except ImportError:
     print("error: --video reads and writes videos with OpenCV: pip install 'faer-jax[faces]'", file=sys.stderr)
-    return 2
-  if not args.out or args.inputs:
-    print("error: --video IN takes --out OUT.mp4 and no image arguments", file=sys.stderr)
     return 2
   try:
     done = annotate_video(loaded, args.video, args.out, every=args.every, batch_size=args.batch_size,
