@@ -246,16 +246,27 @@ def describe_faces(loaded: LoadedModel, images: Sequence[np.ndarray], run, layou
 
 
 def predict_faces(loaded: LoadedModel, paths, batch_size: int = 32, top_k: int = 3, layout: str | None = None,
-                  min_face_size: int = 20):
+                  min_face_size: int = 20, annotate_dir: str | None = None):
   """(records, unreadable) for photographs: per image its `path` and `faces` (see `describe_faces`), in
-  pixels of the photo as displayed (its EXIF orientation applied)."""
+  pixels of the photo as displayed (its EXIF orientation applied). With `annotate_dir`, each photo is also
+  written there as NAME.png with its faces drawn on it (NAME_1.png, ... for photos named alike)."""
+  from faer_jax.faces.annotate import annotate
   run = batched_logits(loaded, batch_size)
-  records, unreadable, pending = [], [], []
+  records, unreadable, pending, used_names = [], [], [], set()
+  if annotate_dir:
+    os.makedirs(annotate_dir, exist_ok=True)
 
   def flush():
-    for record, faces in zip(pending, describe_faces(loaded, [image for _, image in pending], run, layout,
-                                                     min_face_size, top_k)):
-      records.append({"path": record[0], "faces": faces})
+    for (path, image), faces in zip(pending, describe_faces(loaded, [image for _, image in pending], run, layout,
+                                                            min_face_size, top_k)):
+      records.append({"path": path, "faces": faces})
+      if annotate_dir:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        name, k = f"{stem}.png", 1
+        while name in used_names:
+          name, k = f"{stem}_{k}.png", k + 1
+        used_names.add(name)
+        annotate(image, faces, loaded.task).save(os.path.join(annotate_dir, name))
     pending.clear()
 
   for path in paths:
@@ -316,12 +327,10 @@ def main(argv=None) -> int:
   if args.detect:
     try:
       predictions, unreadable = predict_faces(loaded, paths, args.batch_size, args.top_k, args.align,
-                                              args.min_face_size)
+                                              args.min_face_size, args.annotate)
     except FileNotFoundError as e:  # the detector's weights are not installed
       print(f"error: {e}", file=sys.stderr)
       return 2
-    if args.annotate:
-      write_annotated(loaded, predictions, args.annotate)
   else:
     predictions, unreadable = predict_files(loaded, paths, args.batch_size, args.top_k)
   if args.json:
@@ -341,23 +350,6 @@ def main(argv=None) -> int:
   for bad in unreadable:
     print(f"{'skipped' if args.skip_bad else 'error'}: cannot read {bad['path']}: {bad['reason']}", file=sys.stderr)
   return 1 if unreadable and not args.skip_bad else 0
-
-
-def write_annotated(loaded: LoadedModel, records: list[dict], out_dir: str) -> list[str]:
-  """Each photo of `predict_faces`'s records as OUT_DIR/NAME.png with its faces drawn on it; returns the paths."""
-  from faer_jax.faces.annotate import annotate
-  os.makedirs(out_dir, exist_ok=True)
-  written, used = [], set()
-  for record in records:
-    stem = os.path.splitext(os.path.basename(record["path"]))[0]
-    name, k = f"{stem}.png", 1
-    while name in used:  # photos of the same name from different folders
-      name, k = f"{stem}_{k}.png", k + 1
-    used.add(name)
-    path = os.path.join(out_dir, name)
-    annotate(image_io.decode_image(record["path"], exif_orientation=True), record["faces"], loaded.task).save(path)
-    written.append(path)
-  return written
 
 
 def _video(args, loaded: LoadedModel) -> int:
